@@ -1,0 +1,35 @@
+# Two commands that work on a fresh machine:
+#   make demo   create .venv if missing, install, run the main job on the built-in tiny VLM
+#   make test   same set-up, run the tests (with CI=true also the tests marked slow)
+
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+# torch 2.13.0's CPU wheel lies on the development machines' disk; override for other set-ups.
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.graphlora-installed
+PYTEST_ARGS ?=
+
+ifeq ($(CI),true)
+  SLOW_FLAG := --runslow
+endif
+
+.PHONY: demo test setup clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m graphlora demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs --timeout=1200 $(SLOW_FLAG) $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from graphlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""The ``graphlora`` command line (also ``python -m graphlora``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from graphlora.errors import GraphLoraError
+
+MODEL_SPEC_HELP = ("MODEL SPEC: a built-in tiny model name (e.g. llava), module:function returning "
+                   "(model, example_inputs), or a directory holding a transformers config.json")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from graphlora.demo import run_demo
+
+    run_demo(args.model, args.strategy, args.steps)
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from graphlora.explain import explain
+    from graphlora.model_spec import load_model_spec
+    from graphlora.report import format_explain
+
+    model, example_inputs = load_model_spec(args.model)
+    rows = explain(model, args.policy, example_inputs)
+    print(format_explain(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphlora", description="Compiler-style LoRA for vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="rewrite a tiny VLM, train a few steps, generate")
+    demo.add_argument("--model", default="llava", help=MODEL_SPEC_HELP)
+    demo.add_argument("--strategy", default="language-only", help="a preset: language-only, vision-only, full-vlm ...")
+    demo.add_argument("--steps", type=int, default=12)
+    demo.set_defaults(func=_cmd_demo)
+
+    explain = sub.add_parser("explain", help="one row per linear: labels, LoRA or not, and why")
+    explain.add_argument("model", help=MODEL_SPEC_HELP)
+    explain.add_argument("--policy", default=None, help="policy file (YAML or TOML); default: the default policy")
+    explain.set_defaults(func=_cmd_explain)
+    return parser
+
+
+def _quiet_third_party_logs() -> None:
+    """transformers imports torchao when it is installed, which logs about optional CUDA libraries."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_third_party_logs()
+    try:
+        return args.func(args)
+    except GraphLoraError as e:
+        print(f"graphlora: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``graphlora.rewrite(model, policy)``: the entry point."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphlora.errors import GraphLoraError, PolicyError
+from graphlora.mirror import mirror_module
+from graphlora.model import GraphLoraModel
+from graphlora.policy import Policy, as_policy
+from graphlora.quantized import check_no_quantized_layers
+
+
+def _default_example_inputs(model: torch.nn.Module) -> dict[str, Any]:
+    try:
+        from graphlora.families import synthesize_inputs
+    except ImportError:  # pragma: no cover - families registry missing
+        raise GraphLoraError("no example_inputs given and graphlora cannot synthesise them for this model") from None
+    return synthesize_inputs(model)
+
+
+def _apply_modules_to_save(mirror: torch.nn.Module, names: list[str]) -> list[str]:
+    """Replace each matching module of the mirror with a trainable deep copy; return their paths."""
+    paths = []
+    for name in names:
+        hits = [path for path, _ in mirror.named_modules() if path and (path == name or path.endswith("." + name))]
+        if not hits:
+            raise PolicyError(f"modules_to_save: {name!r} matches no module of the model", key_path="modules_to_save")
+        paths.extend(hits)
+    for path in sorted(set(paths)):
+        parent_path, _, child = path.rpartition(".")
+        parent = mirror.get_submodule(parent_path) if parent_path else mirror
+        trainable = copy.deepcopy(parent._modules[child])
+        for p in trainable.parameters():
+            p.requires_grad_(True)
+        parent._modules[child] = trainable
+    return sorted(set(paths))
+
+
+def rewrite(
+    model: torch.nn.Module,
+    policy: Policy | dict[str, Any] | str | Path | None = None,
+    example_inputs: dict[str, Any] | None = None,
+    *,
+    cache_size: int = 8,
+) -> GraphLoraModel:
+    """Trace ``model``, label its linears, and insert LoRA where ``policy`` says.
+
+    ``policy`` is a :class:`Policy`, a dict of its fields, or a path to a policy file (None: the
+    defaults, i.e. Unsloth's). ``example_inputs`` are keyword arguments of one forward call (a training
+    batch); when omitted they are synthesised from the model's config for known families.
+
+    The model's parameters are frozen and shared with the returned :class:`GraphLoraModel`, whose only
+    trainable parameters are the LoRA matrices (and copies of ``policy.modules_to_save``).
+    """
+    policy = as_policy(policy)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"rewrite() takes an nn.Module, not {type(model).__name__}")
+    check_no_quantized_layers(model)
+    if example_inputs is None:
+        example_inputs = _default_example_inputs(model)
+    if not isinstance(example_inputs, dict):
+        raise TypeError("example_inputs must be a dict of keyword arguments of the model's forward")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mirror = mirror_module(model)
+    if policy.modules_to_save:
+        _apply_modules_to_save(mirror, policy.modules_to_save)
+    lora_model = GraphLoraModel(model, mirror, policy, cache_size=cache_size)
+    # The first call traces the model, decides the sites and creates the LoRA parameters.
+    with torch.no_grad():
+        lora_model._trace_only(example_inputs)
+    return lora_model

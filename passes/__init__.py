@@ -1,0 +1,1 @@
+"""graphlora graph passes (installed as graphlora.passes)."""

@@ -1,0 +1,94 @@
+"""Insert the LoRA branch ``y + s * B(A(dropout(x)))`` after every targeted linear.
+
+Reads: the site decisions on labelled ``aten.linear`` nodes; the site table (site name -> scale and
+dropout) and the live LoRA parameters ``<site>.lora_A.weight`` / ``<site>.lora_B.weight``. Writes, for
+each targeted node ``y = aten.linear(x, W, b)``, the fixed node sequence (docs/graph-format.md)::
+
+    cast_in  = aten.to.dtype(x, lora_dtype)          # PEFT casts x to lora_A's dtype
+    dropout  = aten.dropout(cast_in, p, training)    # identity when p == 0 or in eval mode
+    lora_a   = aten.linear(dropout, A)
+    lora_b   = aten.linear(lora_a, B)
+    scale    = aten.mul.Tensor(lora_b, s)
+    cast_out = aten.to.dtype(scale, y.dtype)
+    add      = aten.add.Tensor(y, cast_out)          # replaces y for all of y's users
+
+every node tagged ``graphlora.site`` = site name and ``graphlora.lora_step`` = its step (the base linear
+is step ``base``), and placeholders for LoRA parameters the program lacks. Guarantees: each targeted
+node has exactly one branch; nodes carry fake values; the branch matches the eager ``W + s B A``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from graphlora.errors import GraphLoraError
+from graphlora.fx_utils import propagate_fake_value
+from graphlora.labels import get_decision, labelled_nodes, set_site_step
+from graphlora.trace import Program, fake_mode_of
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchSpec:
+    """What the insertion pass needs to know about one site."""
+
+    scale: float
+    dropout: float
+    a_fqn: str
+    b_fqn: str
+
+
+class InsertLoraBranchesPass(PassBase):
+    name = "insert_lora_branches"
+
+    def __init__(self, program: Program, branches: dict[str, BranchSpec], live: torch.nn.Module, training: bool):
+        super().__init__()
+        self.program = program
+        self.branches = branches
+        self.live = live
+        self.training = training
+
+    def _param_node(self, fqn: str) -> torch.fx.Node:
+        node = self.program.param_placeholder(fqn)
+        if node is None:
+            node = self.program.add_param_placeholder(fqn, self.live.get_parameter(fqn))
+        return node
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        fake_mode = fake_mode_of(graph)
+        targets = [(n, lab) for n, lab in labelled_nodes(graph) if (d := get_decision(n)) is not None and d.targeted]
+        for node, labels in targets:
+            site = labels.module
+            spec = self.branches.get(site)
+            if spec is None:
+                raise GraphLoraError(
+                    f"this trace selects {site}, which got no LoRA parameters when the model was rewritten; "
+                    "rewrite the model with example inputs that exercise it"
+                )
+            a_node, b_node = self._param_node(spec.a_fqn), self._param_node(spec.b_fqn)
+            x = node.args[0]
+            y_dtype = node.meta["val"].dtype
+            lora_dtype = a_node.meta["val"].dtype
+            with graph.inserting_before(node.next):  # inserting_after(node) repeatedly would reverse the order
+                cast_in = graph.call_function(aten.to.dtype, (x, lora_dtype))
+                dropout = graph.call_function(aten.dropout.default, (cast_in, spec.dropout, self.training))
+                lora_a = graph.call_function(aten.linear.default, (dropout, a_node))
+                lora_b = graph.call_function(aten.linear.default, (lora_a, b_node))
+                scale = graph.call_function(aten.mul.Tensor, (lora_b, spec.scale))
+                cast_out = graph.call_function(aten.to.dtype, (scale, y_dtype))
+                add = graph.call_function(aten.add.Tensor, (node, cast_out))
+            node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+            steps = [("base", node), ("cast_in", cast_in), ("dropout", dropout), ("lora_a", lora_a),
+                     ("lora_b", lora_b), ("scale", scale), ("cast_out", cast_out), ("add", add)]
+            for step, n in steps:
+                set_site_step(n, site, step)
+                n.meta.setdefault("custom", {})["graphlora.base_node"] = node.name
+                if step != "base":
+                    n.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+                    propagate_fake_value(n, fake_mode)
+        return PassResult(graph_module, bool(targets))

@@ -1,0 +1,62 @@
+"""Mark targeted sites whose output can never reach the loss: they would train nothing.
+
+Reads: the site decisions, the graph's output node and ``graph_module.meta["graphlora.loss_outputs"]``
+(indices of the flat user outputs that carry the training signal: ``loss`` when the call has labels,
+else ``logits``; all outputs when neither exists). Writes: ``SiteDecision(targeted=False,
+skipped=True, reason=...)`` on targeted sites none of whose nodes is an ancestor of those outputs (for example
+LLaVA's last CLIP layer when features are read from layer -2, or a pooling head whose result is
+discarded). Guarantees: every site left targeted can receive a gradient through the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from graphlora.labels import SiteDecision, get_decision, labelled_nodes, set_decision
+
+
+def ancestors_of(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+class MarkUnreachableSitesPass(PassBase):
+    name = "mark_unreachable_sites"
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        output = graph_module.graph.output_node()
+        flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+        wanted = graph_module.meta.get("graphlora.loss_outputs")
+        names = graph_module.meta.get("graphlora.loss_output_names", "the model's outputs")
+        roots = [flat[i] for i in wanted] if wanted else flat
+        live = ancestors_of([r for r in roots if isinstance(r, torch.fx.Node)])
+        # A module called several times is one site: it is live when any of its calls is.
+        nodes = labelled_nodes(graph_module.graph)
+        live_sites = {labels.module for node, labels in nodes if node in live}
+        modified = False
+        for node, labels in nodes:
+            decision = get_decision(node)
+            if decision is None or not decision.targeted or labels.module in live_sites:
+                continue
+            set_decision(
+                node,
+                SiteDecision(
+                    False,
+                    f"its output never reaches {names}, so it can receive no gradient "
+                    f"(chosen by: {decision.reason})",
+                    r=decision.r,
+                    alpha=decision.alpha,
+                    dropout=decision.dropout,
+                    skipped=True,
+                ),
+            )
+            modified = True
+        return PassResult(graph_module, modified)
