@@ -18,6 +18,10 @@ if not _has_cuda:
 
 import pytest  # noqa: E402
 
+# Tiny models: one intra-op thread is faster than two on a 2-core box, and far faster when another
+# process competes (OpenMP spinning under oversubscription made tiny calls 100x slower).
+torch.set_num_threads(1)
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
