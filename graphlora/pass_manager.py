@@ -76,9 +76,7 @@ class PassManager:
                 gm.graph.lint()
                 for check in self.checks:
                     check(gm)
-            except GraphLoraError as e:
-                if isinstance(e, PassError):
-                    raise
+            except GraphLoraError:
                 # Errors meant for the user (a policy selecting nothing ...) keep their type and text.
                 raise
             except Exception as e:  # noqa: BLE001

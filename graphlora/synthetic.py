@@ -15,9 +15,23 @@ import torch
 from graphlora.families import synthesize_inputs
 
 
-def caption_dataset(model: torch.nn.Module, num_pairs: int = 4, seed: int = 0) -> list[dict[str, Any]]:
-    """``num_pairs`` single-sample input dicts (with labels), deterministic under ``seed``."""
-    return [synthesize_inputs(model, batch_size=1, with_labels=True, seed=seed * 1000 + i) for i in range(num_pairs)]
+def caption_dataset(model: torch.nn.Module, num_pairs: int = 4, seed: int = 0, caption_vocab: int = 6,
+                    text_len: int = 12) -> list[dict[str, Any]]:
+    """``num_pairs`` single-sample input dicts (with labels), deterministic under ``seed``.
+
+    Captions use a small vocabulary (``caption_vocab`` ids taken from the family's own plain-text
+    ids, so no special token is hit), which makes the loss fall quickly from ~ln(vocab size).
+    """
+    samples = [synthesize_inputs(model, batch_size=1, with_labels=True, text_len=text_len, seed=seed * 1000 + i)
+               for i in range(num_pairs)]
+    text_ids = torch.unique(samples[0]["labels"][samples[0]["labels"] >= 0])[:caption_vocab]
+    generator = torch.Generator().manual_seed(seed)
+    for sample in samples:
+        text = sample["labels"] >= 0
+        caption = text_ids[torch.randint(0, len(text_ids), (int(text.sum()),), generator=generator)]
+        sample["input_ids"] = sample["input_ids"].masked_scatter(text, caption)
+        sample["labels"] = sample["labels"].masked_scatter(text, caption)
+    return samples
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -436,10 +436,26 @@ def _entry(name: str):
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(_ZOO)}") from None
 
 
+#: Weight init std of the tiny models. transformers' usual 0.02 suits hidden sizes in the thousands;
+#: at hidden size 32 it makes logits nearly flat (|logit| ~ 0.1), so a frozen head leaves LoRA almost
+#: nothing to learn and losses barely move. 0.2 gives logits of order 1.
+TINY_INIT_STD = 0.2
+
+
+def _set_init_std(config, std: float) -> None:
+    if hasattr(config, "initializer_range"):
+        config.initializer_range = std
+    for key in ("text_config", "vision_config"):
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            _set_init_std(sub, std)
+
+
 def build_tiny_config(name: str):
     """The transformers config of a tiny model (fresh object; sdpa attention)."""
     config = _entry(name)[1]()
     config._attn_implementation = ATTN
+    _set_init_std(config, TINY_INIT_STD)
     return config
 
 

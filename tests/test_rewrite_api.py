@@ -12,6 +12,13 @@ from graphlora import zoo
 from helpers import merged_copy, set_random_lora
 
 FULL = dict(finetune_vision_layers=True, finetune_language_layers=True)
+# Against an eager copy with merged weights W + s B A: the sums are rounded differently in fp32.
+MERGED = dict(atol=1e-5, rtol=1e-4)
+
+
+def relative_error(value, reference):
+    """||value - reference|| / ||reference||: bf16 keeps about 3 significant digits."""
+    return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
 def no_labels(inputs):
@@ -35,8 +42,8 @@ def test_lora_output_equals_eager_merged_weights(llava):
         out = lora_model(**inputs)
         ref = merged(**inputs, use_cache=False)
         base = model(**inputs, use_cache=False)
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, **MERGED)
+    torch.testing.assert_close(out.loss, ref.loss, **MERGED)
     assert (out.logits - base.logits).abs().max() > 1e-3, "random LoRA weights must change the output"
     assert type(out) is type(ref)
 
@@ -73,11 +80,11 @@ def test_other_calls_match_the_reference(llava, variant):
     with torch.no_grad():
         out = lora_model(**inputs)
         ref = merged(**inputs, use_cache=False)
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, **MERGED)
     if variant == "no_labels":
         assert out.loss is None
     else:
-        torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.loss, ref.loss, **MERGED)
 
 
 def test_positional_call_and_signature(llava):
@@ -103,7 +110,7 @@ def test_eval_turns_dropout_off(tiny):
         e1, e2 = lora_model(**inputs).logits, lora_model(**inputs).logits
         ref = merged_copy(model, lora_model)(**inputs, use_cache=False).logits
     torch.testing.assert_close(e1, e2)
-    torch.testing.assert_close(e1, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e1, ref, **MERGED)
 
 
 def test_bfloat16_and_autocast(llava):
@@ -114,7 +121,7 @@ def test_bfloat16_and_autocast(llava):
         out = lora_model(**inputs)
         out.loss.backward()
     assert out.logits.dtype == torch.bfloat16
-    torch.testing.assert_close(out.logits.float(), ref, atol=0.1, rtol=0.1)
+    assert relative_error(out.logits, ref) < 0.03
     assert all(p.grad is not None for p in lora_model.parameters() if p.requires_grad)
 
     lora_model.to(torch.bfloat16)
@@ -122,7 +129,7 @@ def test_bfloat16_and_autocast(llava):
     with torch.no_grad():
         out = lora_model(**bf16_inputs)
     assert out.logits.dtype == torch.bfloat16
-    torch.testing.assert_close(out.logits.float(), ref, atol=0.1, rtol=0.1)
+    assert relative_error(out.logits, ref) < 0.03
 
 
 def test_deepcopy_and_torch_save(llava):
