@@ -29,6 +29,45 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sites_for(model_spec: str, policy_path: str):
+    from graphlora.model_spec import load_model_spec
+    from graphlora.rewrite import rewrite
+
+    model, example_inputs = load_model_spec(model_spec)
+    return rewrite(model, policy_path, example_inputs).sites
+
+
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from graphlora.policy_files import load_policy_source
+
+    source = load_policy_source(args.file)
+    if args.model:
+        sites = _sites_for(args.model, args.file)
+        print(f"{args.file}: ok ({len(sites)} LoRA sites on {args.model}; every rule matches)")
+    else:
+        print(f"{args.file}: ok (digest {source.policy.digest()[:12]})")
+    return 0
+
+
+def _cmd_policy_diff(args: argparse.Namespace) -> int:
+    from graphlora.policy_files import format_site_diff
+
+    before = _sites_for(args.model, args.a)
+    after = _sites_for(args.model, args.b)
+    text = format_site_diff(before, after, labels=(args.a, args.b))
+    print(text.rstrip() if text else f"{args.a} and {args.b} select the same sites with the same settings")
+    return 0
+
+
+def _cmd_policy_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from graphlora.policy_files import policy_json_schema
+
+    print(json.dumps(policy_json_schema(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphlora", description="Compiler-style LoRA for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("model", help=MODEL_SPEC_HELP)
     explain.add_argument("--policy", default=None, help="policy file (YAML or TOML); default: the default policy")
     explain.set_defaults(func=_cmd_explain)
+
+    policy = sub.add_parser("policy", help="check, compare and describe policy files")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+    check = psub.add_parser("check", help="syntax and schema; with --model also that every rule matches")
+    check.add_argument("file")
+    check.add_argument("--model", default=None, help=MODEL_SPEC_HELP)
+    check.set_defaults(func=_cmd_policy_check)
+    diff = psub.add_parser("diff", help="LoRA sites added, removed and changed between two policies")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--model", required=True, help=MODEL_SPEC_HELP)
+    diff.set_defaults(func=_cmd_policy_diff)
+    schema = psub.add_parser("schema", help="print the JSON Schema of policy files")
+    schema.set_defaults(func=_cmd_policy_schema)
     return parser
 
 

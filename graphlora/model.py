@@ -321,6 +321,11 @@ class GraphLoraModel(torch.nn.Module):
             raise GraphLoraError(f"no selected site can be adapted: {reasons}")
 
     # ------------------------------------------------------------------ reporting
+    @property
+    def policy_digest(self) -> str:
+        """sha256 of the canonical JSON of the policy this model was rewritten with."""
+        return self.policy.digest()
+
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts (shared weights counted once)."""
         trainable = total = 0

@@ -57,6 +57,12 @@ def rewrite(
     The model's parameters are frozen and shared with the returned :class:`GraphLoraModel`, whose only
     trainable parameters are the LoRA matrices (and copies of ``policy.modules_to_save``).
     """
+    source = None
+    if isinstance(policy, (str, Path)):
+        from graphlora.policy_files import load_policy_source
+
+        source = load_policy_source(policy)
+        policy = source.policy
     policy = as_policy(policy)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"rewrite() takes an nn.Module, not {type(model).__name__}")
@@ -69,9 +75,19 @@ def rewrite(
         p.requires_grad_(False)
     mirror = mirror_module(model)
     if policy.modules_to_save:
-        _apply_modules_to_save(mirror, policy.modules_to_save)
+        try:
+            _apply_modules_to_save(mirror, policy.modules_to_save)
+        except PolicyError as e:
+            where = source.locate(e.key_path) if source is not None else None
+            raise PolicyError(f"{where}: {e}" if where else str(e), key_path=e.key_path) from None
     lora_model = GraphLoraModel(model, mirror, policy, cache_size=cache_size)
     # The first call traces the model, decides the sites and creates the LoRA parameters.
-    with torch.no_grad():
-        lora_model._trace_only(example_inputs)
+    try:
+        with torch.no_grad():
+            lora_model._trace_only(example_inputs)
+    except PolicyError as e:
+        where = source.locate(e.key_path) if source is not None and e.key_path else None
+        if where is None:
+            raise
+        raise PolicyError(f"{where}: {e}", key_path=e.key_path) from None
     return lora_model

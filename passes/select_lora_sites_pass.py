@@ -4,8 +4,8 @@ Reads: the labels (component, role, layer, module) and ``graph_module.meta["grap
 the :class:`graphlora.policy.Policy`. Writes: a :class:`graphlora.labels.SiteDecision` on every
 labelled node, whose ``reason`` names the flag, key or rule that decided. Guarantees: at least one
 node is targeted (else :class:`NoSitesSelectedError` naming the flags that excluded everything);
-every rule matched at least one node unless it says ``allow_unmatched`` (else :class:`PolicyError`
-with the rule's key path). Semantics: see the docstring of graphlora/policy.py.
+every rule matched at least one LoRA site (a rule with ``target`` set: at least one linear) unless
+it says ``allow_unmatched`` (else :class:`PolicyError` with the rule's key path). Semantics: see the docstring of graphlora/policy.py.
 """
 
 from __future__ import annotations
@@ -125,12 +125,15 @@ class SelectLoraSitesPass(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         towers = graph_module.meta.get("graphlora.towers", {})
         nodes = labelled_nodes(graph_module.graph)
-        rule_hits = collections.Counter()
+        rule_hits = collections.Counter()  # rule index -> LoRA sites it affected
+        rule_seen = collections.Counter()  # rule index -> linears it matched at all
         excluded = collections.Counter()
         targeted = 0
         for node, labels in nodes:
             decision, matched = decide_site(self.policy, labels, towers)
-            rule_hits.update(matched)
+            rule_seen.update(matched)
+            # A rule that only sets r/alpha/dropout counts where the site ends up adapted.
+            rule_hits.update(i for i in matched if self.policy.rules[i].target is not None or decision.targeted)
             set_decision(node, decision)
             if decision.targeted:
                 targeted += 1
@@ -138,9 +141,11 @@ class SelectLoraSitesPass(PassBase):
                 excluded[(str(labels.component), decision.reason)] += 1
         for i, rule in enumerate(self.policy.rules):
             if rule_hits[i] == 0 and not rule.allow_unmatched:
+                what = (f"it matches {rule_seen[i]} linear(s), none of which gets LoRA" if rule_seen[i]
+                        else "it matches no linear of this model")
                 raise PolicyError(
-                    f"rules[{i}] matches no linear of this model (match: "
-                    f"{rule.match.model_dump(exclude_none=True)}); fix the rule or set allow_unmatched: true",
+                    f"rules[{i}]: matches no LoRA site: {what} (match: {rule.match.model_dump(exclude_none=True)}); "
+                    "fix the rule or set allow_unmatched: true",
                     key_path=f"rules[{i}]",
                 )
         if targeted == 0:
