@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     diff.set_defaults(func=_cmd_policy_diff)
     schema = psub.add_parser("schema", help="print the JSON Schema of policy files")
     schema.set_defaults(func=_cmd_policy_schema)
+
+    from graphlora.dump import add_dump_parser
+
+    add_dump_parser(sub)
     return parser
 
 

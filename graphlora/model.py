@@ -155,6 +155,9 @@ class GraphLoraModel(torch.nn.Module):
         self._cache = TraceCache(cache_size)
         self._adapters_enabled = True
         self._branches: dict = {}
+        #: Called as ``observer(stage, graph_module)`` after export and after every pass of every trace
+        #: (graph dumps use it). Not copied or pickled.
+        self._observer = None
         self.train(original.training)
 
     # ------------------------------------------------------------------ nn.Module plumbing
@@ -184,7 +187,8 @@ class GraphLoraModel(torch.nn.Module):
     def __getstate__(self):
         _drop_transformers_capture_hooks(self._eager)
         _drop_transformers_capture_hooks(self._original)
-        return super().__getstate__()
+        state = super().__getstate__()
+        return {**state, "_observer": None}
 
     @property
     def base_model(self) -> torch.nn.Module:
@@ -283,11 +287,14 @@ class GraphLoraModel(torch.nn.Module):
         t1 = time.perf_counter()
         gm = program.graph_module
         _record_loss_outputs(gm, program.out_spec)
-        records = PassManager(self._analysis_passes())(gm)
+        observe = self._observer
+        if observe is not None:
+            observe("export", gm)
+        records = PassManager(self._analysis_passes(), after_each=observe)(gm)
         if not self.sites and not self.skipped_sites:
             self._create_sites(program)
         if key.variant == "lora":
-            records += PassManager(self._transform_passes(program, key.training))(gm)
+            records += PassManager(self._transform_passes(program, key.training), after_each=observe)(gm)
         self.traces.append(TraceRecord(key, records, t1 - t0, time.perf_counter() - t1))
         self.num_traces += 1
         return program

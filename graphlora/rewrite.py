@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,12 +47,16 @@ def rewrite(
     example_inputs: dict[str, Any] | None = None,
     *,
     cache_size: int = 8,
+    observer: Callable[[str, torch.fx.GraphModule], None] | None = None,
 ) -> GraphLoraModel:
     """Trace ``model``, label its linears, and insert LoRA where ``policy`` says.
 
     ``policy`` is a :class:`Policy`, a dict of its fields, or a path to a policy file (None: the
     defaults, i.e. Unsloth's). ``example_inputs`` are keyword arguments of one forward call (a training
     batch); when omitted they are synthesised from the model's config for known families.
+
+    ``observer(stage, graph_module)``, when given, is called after export (stage ``"export"``) and
+    after every pass of every trace, e.g. to dump the graph at each stage.
 
     The model's parameters are frozen and shared with the returned :class:`GraphLoraModel`, whose only
     trainable parameters are the LoRA matrices (and copies of ``policy.modules_to_save``).
@@ -81,6 +85,7 @@ def rewrite(
             where = source.locate(e.key_path) if source is not None else None
             raise PolicyError(f"{where}: {e}" if where else str(e), key_path=e.key_path) from None
     lora_model = GraphLoraModel(model, mirror, policy, cache_size=cache_size)
+    lora_model._observer = observer
     # The first call traces the model, decides the sites and creates the LoRA parameters.
     try:
         with torch.no_grad():
