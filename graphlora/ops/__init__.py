@@ -1,0 +1,35 @@
+"""graphlora custom ops.
+
+Importing this package registers ``torch.ops.graphlora.lora_linear`` and
+``torch.ops.graphlora.lora_linear_group`` (and their backward ops). Call them through
+``torch.ops.graphlora.*`` or ``graphlora.ops.lora_linear.lora_linear`` (the submodule
+``graphlora.ops.lora_linear`` keeps its module name; the function is not re-exported here so the
+two do not shadow each other). The Triton kernels in ``graphlora.ops.triton_kernels`` are imported
+lazily, on the first CUDA call (or when a test asks for them), so ``TRITON_INTERPRET`` can be set
+before they are defined.
+"""
+
+from . import dropout_rng, lora_linear
+from .lora_linear import (
+    lora_linear_group,
+    main_gemm_backend,
+    reference_lora_linear,
+    reference_lora_linear_backward,
+    reference_lora_linear_group,
+    reference_lora_linear_group_backward,
+    triton_on_cpu,
+    triton_path_reason,
+)
+
+__all__ = [
+    "dropout_rng",
+    "lora_linear",
+    "lora_linear_group",
+    "main_gemm_backend",
+    "reference_lora_linear",
+    "reference_lora_linear_backward",
+    "reference_lora_linear_group",
+    "reference_lora_linear_group_backward",
+    "triton_on_cpu",
+    "triton_path_reason",
+]
