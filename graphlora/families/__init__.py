@@ -5,9 +5,16 @@ Today that is how to synthesize a training batch from the config alone
 (:func:`synthesize_inputs`): token ids with the image-placeholder layout the family's processor
 would produce, pixel tensors and every other image argument of ``forward``, and labels.
 
+It also holds the family's **eager prologue** (:func:`get_prologue`), used when tracing: a function
+``prologue(model, call) -> call`` that computes the data-dependent metadata of a call eagerly
+(M-RoPE positions, vision sequence boundaries, static ``image_sizes``) and returns the keyword
+arguments to trace instead, so that torch.export sees no shape that depends on tensor values.
+``docs/tracing.md`` lists what each family's prologue computes.
+
 Adding a family: write ``recipe(config, req) -> dict`` in ``graphlora/families/<family>.py``
 (see ``_common.py`` for the building blocks and ``llava.py`` for the simplest example) and add
-one ``FamilyRecipe`` line to ``_RECIPES`` below.
+one ``FamilyRecipe`` line to ``_RECIPES`` below (with ``prologue=`` if the model does not export
+whole from the plain call).
 
 Device notes: inputs are built on CPU in float32 from a local generator seeded with ``seed``,
 then floating tensors are cast to the model's floating dtype and everything is moved to the
@@ -18,19 +25,22 @@ layout stays inspectable); pass ``device="meta"`` to get meta tensors instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import aya_vision, gemma3, glm4v, idefics3, internvl, llama4, llava, mistral3, mllama, paligemma
 from . import phi4_multimodal, qwen_vl
 from ._common import IGNORE_INDEX, InputRequest, as_size
+from ._packed_vision import install_block_diagonal_vision_attention
 
 __all__ = [
     "FamilyRecipe",
     "IGNORE_INDEX",
     "UnsupportedFamilyError",
+    "get_prologue",
     "get_recipe",
+    "prepare_for_tracing",
     "supported_model_types",
     "synthesize_inputs",
 ]
@@ -48,30 +58,47 @@ class FamilyRecipe:
 
     ``synthesize_inputs(config, req: InputRequest) -> dict`` returns CPU tensors: the keyword
     arguments of ``model.forward`` for one batch (see :func:`synthesize_inputs`).
+
+    ``prologue(model, call) -> dict`` (optional; ``None`` = trace the call as it is): the keyword
+    arguments to trace instead of ``call``, with data-dependent metadata computed eagerly and passed
+    as inputs. Contract: ``model(**prologue(model, call))`` equals ``model(**call)``; the input dict
+    is not modified; applying it to its own output changes nothing; a call it does not apply to
+    (text only, KV cache) comes back unchanged. ``model`` is the module that will be traced (its
+    side effects, if any, are documented per family and never change the numbers).
+
+    ``prepare(model)`` (optional): installs export-friendly, numerically identical module
+    implementations on the module objects of the model to trace (graphlora's mirror); idempotent.
+    The prologue calls it too, so wiring the prologue alone is enough.
     """
 
     model_type: str
     synthesize_inputs: Callable[..., dict]
+    prologue: Callable[[torch.nn.Module, dict], dict] | None = None
+    prepare: Callable[[torch.nn.Module], Any] | None = None
 
+
+_packed = install_block_diagonal_vision_attention
 
 _RECIPES: dict[str, FamilyRecipe] = {
     r.model_type: r
     for r in [
-        FamilyRecipe("llava", llava.llava_inputs),  # CLIP/SigLIP tower, or a Pixtral tower ("pixtral")
-        FamilyRecipe("llava_next", llava.llava_next_inputs),
-        FamilyRecipe("mistral3", mistral3.mistral3_inputs),
+        # CLIP/SigLIP tower, or a Pixtral tower ("pixtral"; its image_sizes need the prologue)
+        FamilyRecipe("llava", llava.llava_inputs, prologue=llava.llava_prologue),
+        FamilyRecipe("llava_next", llava.llava_next_inputs, prologue=llava.llava_prologue),
+        FamilyRecipe("mistral3", mistral3.mistral3_inputs, prologue=mistral3.mistral3_prologue),
         FamilyRecipe("aya_vision", aya_vision.aya_vision_inputs),
         FamilyRecipe("internvl", internvl.internvl_inputs),
         FamilyRecipe("paligemma", paligemma.paligemma_inputs),
         FamilyRecipe("gemma3", gemma3.gemma3_inputs),
         FamilyRecipe("idefics3", idefics3.idefics3_inputs),
         FamilyRecipe("smolvlm", idefics3.idefics3_inputs),
-        FamilyRecipe("qwen2_vl", qwen_vl.qwen_vl_inputs),
-        FamilyRecipe("qwen2_5_vl", qwen_vl.qwen_vl_inputs),
-        FamilyRecipe("qwen3_vl", qwen_vl.qwen_vl_inputs),
-        FamilyRecipe("glm4v", glm4v.glm4v_inputs),
+        FamilyRecipe("qwen2_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen2_vl_prologue, prepare=_packed),
+        FamilyRecipe("qwen2_5_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen2_5_vl_prologue, prepare=_packed),
+        FamilyRecipe("qwen3_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen3_vl_prologue, prepare=_packed),
+        FamilyRecipe("glm4v", glm4v.glm4v_inputs, prologue=glm4v.glm4v_prologue, prepare=_packed),
         FamilyRecipe("mllama", mllama.mllama_inputs),
         FamilyRecipe("llama4", llama4.llama4_inputs),
+        # No prologue: no input-level fix exports Phi-4 (see docs/tracing.md); regional fallback planned.
         FamilyRecipe("phi4_multimodal", phi4_multimodal.phi4_multimodal_inputs),
     ]
 }
@@ -99,6 +126,30 @@ def get_recipe(model_or_config) -> FamilyRecipe:
             f"model_type {model_type!r} is not supported; supported model types: "
             + ", ".join(supported_model_types())
         ) from None
+
+
+def _recipe_or_none(model_or_config) -> FamilyRecipe | None:
+    config = getattr(model_or_config, "config", model_or_config)
+    return _RECIPES.get(getattr(config, "model_type", None))
+
+
+def get_prologue(model_or_config) -> Callable[[torch.nn.Module, dict], dict] | None:
+    """The family's eager prologue for tracing, or ``None`` (trace calls as they are).
+
+    Also ``None`` for a model type without a recipe, or a module without a transformers config:
+    graphlora traces those without a prologue.
+    """
+    recipe = _recipe_or_none(model_or_config)
+    return None if recipe is None else recipe.prologue
+
+
+def prepare_for_tracing(model: torch.nn.Module) -> bool:
+    """Run the family's ``prepare`` hook on ``model`` (the module to trace); whether there was one."""
+    recipe = _recipe_or_none(model)
+    if recipe is None or recipe.prepare is None:
+        return False
+    recipe.prepare(model)
+    return True
 
 
 def _dtype_and_device(model) -> tuple[torch.dtype, torch.device]:

@@ -8,6 +8,10 @@ LLaVA-NeXT ("anyres"): the original image is tiled onto the best ``image_grid_pi
 resolution; ``pixel_values`` ``[B*k, 1 + tiles, 3, tile, tile]`` (base image first),
 ``image_sizes`` ``[B*k, 2]`` = original (h, w). The token count mirrors
 ``LlavaNextProcessor._get_number_of_features`` (base tile + unpadded grid + one newline per row).
+
+Tracing: LLaVA-NeXT chooses each image's tiling and unpadding from ``image_sizes`` values, and a
+Pixtral tower crops by them; :func:`llava_prologue` passes ``image_sizes`` as a list of tuples (static
+values, part of the cache key). Plain LLaVA calls have no ``image_sizes``: nothing changes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from transformers.image_processing_utils import select_best_resolution
 
 from ._common import InputRequest, TokenPool, cfg_size, check_divisible, collate, interleaved_samples
-from .pixtral import pixtral_inputs
+from .pixtral import image_sizes_prologue, pixtral_inputs
 
 # Vision towers that prepend a CLS token to the patch features.
 _CLS_TOWERS = {"clip_vision_model", "clip", "chinese_clip_vision_model", "metaclip_2_vision_model"}
@@ -81,3 +85,9 @@ def llava_next_inputs(config, req: InputRequest) -> dict:
     out["pixel_values"] = pixels
     out["image_sizes"] = torch.tensor([list(sizes[i % req.images_per_sample]) for i in range(pixels.shape[0])])
     return out
+
+
+def llava_prologue(model, call: dict) -> dict:
+    """LLaVA and LLaVA-NeXT (and a LLaVA config with a Pixtral tower): ``image_sizes`` as a list of
+    ``(h, w)`` tuples (see :func:`graphlora.families.pixtral.image_sizes_prologue`)."""
+    return image_sizes_prologue(model, call)
