@@ -73,6 +73,8 @@ _COMPONENT = _PREFIX + "component"
 _ROLE = _PREFIX + "role"
 _LAYER = _PREFIX + "layer"
 _MODULE = _PREFIX + "module"
+_KIND = _PREFIX + "kind"
+_WEIGHT = _PREFIX + "weight"
 _SITE = _PREFIX + "site"
 _STEP = _PREFIX + "lora_step"
 
@@ -81,14 +83,25 @@ _STEP = _PREFIX + "lora_step"
 LORA_STEPS: tuple[str, ...] = ("base", "cast_in", "dropout", "lora_a", "lora_b", "scale", "cast_out", "add")
 
 
+#: Kinds of trainable matmul. Only ``linear`` and ``param_matmul`` sites can carry LoRA today.
+MATMUL_KINDS = ("linear", "param_linear", "param_matmul", "expert_matmul")
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeLabels:
-    """Labels of one matmul node: what component, role and layer it belongs to, and its module."""
+    """Labels of one trainable matmul node: component, role, layer, and which site it is.
+
+    ``module`` is the site name: the module path for an ``nn.Linear``
+    (``model.language_model.layers.0.self_attn.q_proj``), the parameter path for other matmuls
+    (``model.multi_modal_projector.mm_input_projection_weight``).
+    """
 
     component: Component
     role: Role
     layer: int | None
-    module: str  # module path in the original model, e.g. "model.language_model.layers.0.self_attn.q_proj"
+    module: str
+    kind: str = "linear"
+    weight: str = ""  # FQN of the weight parameter
 
 
 def _custom(node: torch.fx.Node) -> dict[str, Any]:
@@ -101,6 +114,8 @@ def set_labels(node: torch.fx.Node, labels: NodeLabels) -> None:
     meta[_ROLE] = str(labels.role)
     meta[_LAYER] = labels.layer
     meta[_MODULE] = labels.module
+    meta[_KIND] = labels.kind
+    meta[_WEIGHT] = labels.weight
 
 
 def get_labels(node: torch.fx.Node) -> NodeLabels | None:
@@ -112,6 +127,8 @@ def get_labels(node: torch.fx.Node) -> NodeLabels | None:
         role=Role(meta[_ROLE]),
         layer=meta[_LAYER],
         module=meta[_MODULE],
+        kind=meta.get(_KIND, "linear"),
+        weight=meta.get(_WEIGHT, ""),
     )
 
 

@@ -23,9 +23,14 @@ LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One adapted module: where it is, what it is, and its LoRA hyper-parameters."""
+    """One adapted matmul: where it is, what it is, and its LoRA hyper-parameters.
 
-    name: str  # module path, e.g. "model.language_model.layers.0.self_attn.q_proj"
+    ``name`` is the module path of an ``nn.Linear`` (PEFT's target name), or the parameter path of a
+    raw parameter matmul (PEFT's ``target_parameters``). ``module`` is where ``lora_A`` / ``lora_B``
+    live: the Linear itself, or the module owning the parameter.
+    """
+
+    name: str
     component: str
     role: str
     layer: int | None
@@ -34,6 +39,13 @@ class Site:
     dropout: float
     scale: float
     reason: str  # the flag or rule that chose it
+    module: str = ""
+    kind: str = "linear"
+    weight_layout: str = "out_in"  # "out_in": y = x W^T (nn.Linear); "in_out": y = x W (raw matmul)
+
+    def __post_init__(self):
+        if not self.module:
+            object.__setattr__(self, "module", self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +59,11 @@ class SkippedSite:
     reason: str
 
 
-def site_weight(module: torch.nn.Module) -> torch.Tensor:
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise TypeError(f"a LoRA site must hold a 2-D weight; {type(module).__name__} does not")
-    return weight
-
-
-def attach_lora(module: torch.nn.Module, r: int, lora_dtype: torch.dtype, generator: torch.Generator) -> None:
-    """Add ``lora_A`` (Kaiming-uniform, as PEFT) and ``lora_B`` (zeros) to a site module."""
-    weight = site_weight(module)
-    out_features, in_features = weight.shape
-    device = weight.device
+def attach_lora(module: torch.nn.Module, in_features: int, out_features: int, r: int, lora_dtype: torch.dtype,
+                generator: torch.Generator, device: torch.device) -> None:
+    """Add ``lora_A`` (Kaiming-uniform, as PEFT) and ``lora_B`` (zeros) to the module holding a site."""
+    if hasattr(module, "lora_A"):
+        raise ValueError(f"{type(module).__name__} already holds a LoRA adapter (one site per module)")
     lora_a = torch.nn.Linear(in_features, r, bias=False, dtype=lora_dtype, device=device)
     lora_b = torch.nn.Linear(r, out_features, bias=False, dtype=lora_dtype, device=device)
     with torch.no_grad():
@@ -87,15 +92,37 @@ class EagerLoraHook:
         return output + delta.to(output.dtype)
 
 
+def lora_delta(module: torch.nn.Module, scale: float) -> torch.Tensor:
+    """``scale * B @ A`` in fp32: the change LoRA makes to an ``[out, in]`` weight."""
+    return scale * (module.lora_B.weight.float() @ module.lora_A.weight.float())
+
+
 @contextlib.contextmanager
 def eager_lora_hooks(root: torch.nn.Module, sites: list[Site]) -> Iterator[None]:
-    """Install :class:`EagerLoraHook` on every site module of ``root`` for the duration of the block."""
+    """Apply every site's LoRA to eager calls of ``root`` for the duration of the block.
+
+    ``nn.Linear`` sites get an :class:`EagerLoraHook`. A raw parameter matmul cannot be hooked: its
+    parameter is swapped for ``W + s (B A)^T`` (the merged weight; exact without dropout, which is
+    how generation runs) and restored afterwards.
+    """
     handles = []
+    swapped = []
     try:
         for site in sites:
-            module = root.get_submodule(site.name)
-            handles.append(module.register_forward_hook(EagerLoraHook(site.scale, site.dropout)))
+            module = root.get_submodule(site.module)
+            if site.kind == "linear":
+                handles.append(module.register_forward_hook(EagerLoraHook(site.scale, site.dropout)))
+                continue
+            owner_path, _, attr = site.name.rpartition(".")
+            owner = root.get_submodule(owner_path)
+            weight = getattr(owner, attr)
+            delta = lora_delta(module, site.scale)
+            merged = weight.detach() + (delta.T if site.weight_layout == "in_out" else delta).to(weight.dtype)
+            swapped.append((owner, attr, weight))
+            owner._parameters[attr] = torch.nn.Parameter(merged, requires_grad=False)
         yield
     finally:
         for h in handles:
             h.remove()
+        for owner, attr, weight in swapped:
+            owner._parameters[attr] = weight

@@ -27,12 +27,14 @@ from typing import Any, Iterator
 import torch
 import torch.utils._pytree as pytree
 
+from graphlora import families
 from graphlora.errors import GraphLoraError
 from graphlora.labels import Component, get_decision, labelled_nodes
 from graphlora.lora import LORA_DTYPES, Site, SkippedSite, attach_lora, eager_lora_hooks
 from graphlora.pass_manager import PassManager, PassRecord
 from graphlora.passes.insert_lora_branches_pass import BranchSpec, InsertLoraBranchesPass
-from graphlora.passes.label_by_module_names_pass import LabelByModuleNamesPass
+from graphlora.passes.cross_check_labels_pass import CrossCheckLabelsPass
+from graphlora.passes.label_by_structure_pass import LabelByStructurePass
 from graphlora.passes.mark_unreachable_sites_pass import MarkUnreachableSitesPass
 from graphlora.passes.select_lora_sites_pass import SelectLoraSitesPass
 from graphlora.passes.strip_tensor_metadata_asserts_pass import StripTensorMetadataAssertsPass
@@ -147,6 +149,10 @@ class GraphLoraModel(torch.nn.Module):
             self.register_buffer(name, buf, persistent=name not in mirror._non_persistent_buffers_set)
         object.__setattr__(self, "_eager", mirror)
         object.__setattr__(self, "_original", original)
+        # Families whose forward does not export whole get an eager prologue (data-dependent image
+        # metadata computed eagerly and passed in) and may need their mirror prepared for tracing.
+        self._prologue = families.get_prologue(mirror)
+        families.prepare_for_tracing(mirror)
         self.policy = policy
         self.sites: list[Site] = []
         self.skipped_sites: list[SkippedSite] = []
@@ -158,6 +164,8 @@ class GraphLoraModel(torch.nn.Module):
         #: Called as ``observer(stage, graph_module)`` after export and after every pass of every trace
         #: (graph dumps use it). Not copied or pickled.
         self._observer = None
+        #: Structure vs module-name labels of the first trace: {"checked": n, "disagreements": [...]}.
+        self.label_check: dict = {}
         self.train(original.training)
 
     # ------------------------------------------------------------------ nn.Module plumbing
@@ -202,7 +210,7 @@ class GraphLoraModel(torch.nn.Module):
     def _forward(self, *args, **kwargs):
         """Run the model (same arguments and output type as the original model's forward)."""
         call = self._bind_call(args, kwargs)
-        if call.get("use_cache") or call.get("past_key_values") is not None:
+        if call.get("use_cache") or call.get("past_key_values") is not None or call.get("cache") is not None:
             # Incremental decoding needs the KV cache object, which a traced program cannot return.
             return self._eager_call(call)
         program, flat = self._program_for(call)
@@ -210,6 +218,8 @@ class GraphLoraModel(torch.nn.Module):
 
     def _program_for(self, call: dict[str, Any]) -> tuple[Program, list[Any]]:
         """The cached program for this call (tracing one if none accepts it) and its flat inputs."""
+        if self._prologue is not None:
+            call = self._prologue(self._eager, call)
         tensors, constants = split_call(call)
         constants.pop("use_cache", None)
         variant = "lora" if self._adapters_enabled else "base"
@@ -266,13 +276,15 @@ class GraphLoraModel(torch.nn.Module):
     def _analysis_passes(self) -> list:
         return [
             StripTensorMetadataAssertsPass(),
-            LabelByModuleNamesPass(head_paths=_head_paths(self._eager)),
+            LabelByStructurePass(module_classes={path: type(m) for path, m in self._eager.named_modules()}),
+            CrossCheckLabelsPass(head_paths=_head_paths(self._eager)),
             SelectLoraSitesPass(self.policy),
             MarkUnreachableSitesPass(),
         ]
 
     def _transform_passes(self, program: Program, training: bool) -> list:
-        return [InsertLoraBranchesPass(program, self._branches, self, training)]
+        refused = frozenset(s.name for s in self.skipped_sites)
+        return [InsertLoraBranchesPass(program, self._branches, self, training, refused)]
 
     def _forced_kwargs(self) -> dict[str, Any]:
         """FORCED_KWARGS that this model's forward accepts."""
@@ -301,28 +313,38 @@ class GraphLoraModel(torch.nn.Module):
 
     def _create_sites(self, program: Program) -> None:
         """Turn the first trace's decisions into sites and LoRA parameters (once per model)."""
-        by_module: dict[str, list] = {}
+        by_site: dict[str, list] = {}
         for node, labels in labelled_nodes(program.graph_module.graph):
-            by_module.setdefault(labels.module, []).append((node, labels, get_decision(node)))
+            by_site.setdefault(labels.module, []).append((node, labels, get_decision(node)))
         generator = torch.Generator().manual_seed(self.policy.random_state)
         lora_dtype = LORA_DTYPES[self.policy.lora_dtype]
-        for module_path, entries in by_module.items():
+        self.label_check = dict(program.graph_module.meta.get("graphlora.label_check", {}))
+        for site_name, entries in by_site.items():
             node, labels, decision = next(((n, lab, d) for n, lab, d in entries if d.targeted), entries[0])
-            if decision.targeted:
-                reason = _unsupported_site_reason(self, program, node, module_path)
-                if reason is not None:
-                    self.skipped_sites.append(_skipped(labels, reason))
-                    continue
-                scale = self.policy.scale(decision.r, decision.alpha)
-                site = Site(module_path, str(labels.component), str(labels.role), labels.layer,
-                            decision.r, decision.alpha, decision.dropout, scale, decision.reason)
-                attach_lora(self.get_submodule(module_path), site.r, lora_dtype, generator)
-                self.sites.append(site)
-                self._branches[module_path] = BranchSpec(
-                    scale, site.dropout, f"{module_path}.lora_A.weight", f"{module_path}.lora_B.weight"
-                )
-            elif decision.skipped:
-                self.skipped_sites.append(_skipped(labels, decision.reason))
+            if not decision.targeted:
+                if decision.skipped:
+                    self.skipped_sites.append(_skipped(labels, decision.reason))
+                continue
+            owner, layout, refusal = _lora_owner(self, node, labels)
+            if refusal is not None:
+                self.skipped_sites.append(_skipped(labels, refusal))
+                continue
+            in_features = int(node.args[0].meta["val"].shape[-1])
+            out_features = int(node.meta["val"].shape[-1])
+            module = self.get_submodule(owner)
+            weight = self.get_parameter(labels.weight)
+            try:
+                attach_lora(module, in_features, out_features, decision.r, lora_dtype, generator, weight.device)
+            except ValueError as e:
+                self.skipped_sites.append(_skipped(labels, str(e)))
+                continue
+            scale = self.policy.scale(decision.r, decision.alpha)
+            site = Site(site_name, str(labels.component), str(labels.role), labels.layer, decision.r, decision.alpha,
+                        decision.dropout, scale, decision.reason, module=owner, kind=labels.kind, weight_layout=layout)
+            self.sites.append(site)
+            self._branches[site_name] = BranchSpec(
+                scale, site.dropout, f"{owner}.lora_A.weight", f"{owner}.lora_B.weight"
+            )
         if not self.sites:
             reasons = "; ".join(f"{s.name}: {s.reason}" for s in self.skipped_sites[:5])
             raise GraphLoraError(f"no selected site can be adapted: {reasons}")
@@ -343,12 +365,12 @@ class GraphLoraModel(torch.nn.Module):
         return trainable, total
 
     def lora_state_dict(self, peft_keys: bool = False) -> dict[str, torch.Tensor]:
-        """The LoRA tensors; with ``peft_keys`` named as PEFT saves them (``base_model.model.<site>...``)."""
+        """The LoRA tensors; with ``peft_keys`` named as PEFT saves them (``base_model.model.<module>...``)."""
         out = {}
         for site in self.sites:
-            module = self.get_submodule(site.name)
+            module = self.get_submodule(site.module)
             for part in ("lora_A", "lora_B"):
-                key = f"{site.name}.{part}.weight"
+                key = f"{site.module}.{part}.weight"
                 out[f"base_model.model.{key}" if peft_keys else key] = getattr(module, part).weight
         return out
 
@@ -363,27 +385,33 @@ def _skipped(labels, reason: str) -> SkippedSite:
     return SkippedSite(labels.module, str(labels.component), str(labels.role), labels.layer, reason)
 
 
-def _unsupported_site_reason(model: torch.nn.Module, program: Program, node, module_path: str) -> str | None:
-    """Why a targeted linear cannot carry module LoRA (None when it can)."""
-    weight_fqn = _placeholder_fqn(program, node.args[1])
-    if weight_fqn != f"{module_path}.weight":
-        return (f"its weight {weight_fqn or node.args[1]} is not the .weight of an nn.Linear module "
-                "(e.g. an F.linear inside nn.MultiheadAttention); not supported yet")
+def _lora_owner(model: torch.nn.Module, node, labels) -> tuple[str, str, str | None]:
+    """(module that holds the LoRA parameters, weight layout, refusal reason or None) for a site."""
+    if labels.kind == "linear":
+        return labels.module, "out_in", None
+    if labels.kind == "expert_matmul":
+        return "", "", "a matmul on a 3-D (expert) parameter: LoRA for expert weights is not supported yet"
+    if labels.kind == "param_linear":
+        return "", "", (f"F.linear on parameter {labels.weight} inside a {_class_of(model, labels.weight)} "
+                        "(e.g. nn.MultiheadAttention's packed in-projection): not supported yet")
+    # A raw parameter matmul: y = x @ W (W [in, out]) or x @ W^T.
+    weight_arg = node.args[1]
+    if weight_arg.op == "placeholder":
+        layout = "in_out"
+    elif weight_arg.op == "call_function" and weight_arg.target in (torch.ops.aten.t.default, torch.ops.aten.transpose.int) \
+            and weight_arg.args[0].op == "placeholder":
+        layout = "out_in"
+    else:
+        return "", "", f"a matmul whose weight {labels.weight} is not the right-hand operand (x @ W): not supported yet"
+    return labels.weight.rpartition(".")[0], layout, None
+
+
+def _class_of(model: torch.nn.Module, param_fqn: str) -> str:
+    owner = param_fqn.rpartition(".")[0]
     try:
-        module = model.get_submodule(module_path)
+        return type(model.get_submodule(owner)).__name__ if owner else type(model).__name__
     except AttributeError:
-        return "its module cannot be found on the model"
-    if not isinstance(module, torch.nn.Linear):
-        return f"{type(module).__name__} is not an nn.Linear; not supported yet"
-    return None
-
-
-def _placeholder_fqn(program: Program, arg) -> str | None:
-    placeholders = [n for n in program.graph_module.graph.nodes if n.op == "placeholder"]
-    for slot, node in zip(program.slots, placeholders):
-        if node is arg and slot.kind == "param":
-            return slot.target
-    return None
+        return "module"
 
 
 def _head_paths(model: torch.nn.Module) -> frozenset[str]:
@@ -407,6 +435,8 @@ def _record_loss_outputs(gm: torch.fx.GraphModule, out_spec: pytree.TreeSpec) ->
         for name, child in zip(context, children):
             ranges[name] = range(offset, offset + child.num_leaves)
             offset += child.num_leaves
+        if "logits" in ranges:
+            gm.meta["graphlora.logits_outputs"] = list(ranges["logits"])
         for name in ("loss", "logits"):
             if name in ranges:
                 gm.meta["graphlora.loss_outputs"] = list(ranges[name])

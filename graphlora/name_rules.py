@@ -85,7 +85,12 @@ def module_stack(node_meta: dict, strip_prefix: str = "") -> list[StackEntry]:
 
 
 def component_by_name(stack: list[StackEntry], head_paths: frozenset[str]) -> Component:
-    """Component from the module names and classes of the stack (innermost statement wins)."""
+    """Component from the module names and classes of the stack.
+
+    The innermost module that names a tower wins (``AyaVisionModel.language_model`` is language), but
+    projector and cross-attention modules keep their label against tower words inside them
+    (``multi_modal_projector.patch_merger`` is a projector).
+    """
     if stack and stack[-1].path in head_paths:
         return Component.HEAD
     found: Component | None = None
@@ -98,11 +103,12 @@ def component_by_name(stack: list[StackEntry], head_paths: frozenset[str]) -> Co
             found = Component.PROJECTOR
         elif _CROSS_ATTN_SEGMENT.match(seg) or _CROSS_ATTN_CLASS.search(entry.cls):
             found = Component.CROSS_ATTENTION
-        elif found is None or found == Component.LANGUAGE:
-            if _VISION_SEGMENT.search(seg) or _VISION_CLASS.search(entry.cls):
-                found = Component.VISION
-            elif _LANGUAGE_SEGMENT.search(seg) and found is None:
-                found = Component.LANGUAGE
+        elif found in (Component.PROJECTOR, Component.CROSS_ATTENTION):
+            continue
+        elif _LANGUAGE_SEGMENT.search(seg):
+            found = Component.LANGUAGE
+        elif _VISION_SEGMENT.search(seg) or _VISION_CLASS.search(entry.cls):
+            found = Component.VISION
     if found is None:
         # A plain decoder (``model.layers.N``) with no tower names is the language model.
         found = Component.LANGUAGE if in_block else Component.OTHER

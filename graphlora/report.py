@@ -74,7 +74,7 @@ def component_table(lora_model) -> str:
     skipped = collections.Counter(s.component for s in lora_model.skipped_sites)
     lora_params: collections.Counter = collections.Counter()
     for site in lora_model.sites:
-        module = lora_model.get_submodule(site.name)
+        module = lora_model.get_submodule(site.module)
         lora_params[site.component] += module.lora_A.weight.numel() + module.lora_B.weight.numel()
     header = ("component", "linears", "lora sites", "skipped", "lora params")
     table = [header]

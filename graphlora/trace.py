@@ -385,7 +385,17 @@ class Program:
                 node.target = node.name
         gm.recompile()
         guard = ShapeGuard.from_placeholders(user_placeholders, ep.range_constraints)
-        return cls(gm, slots, ep.call_spec.in_spec, ep.call_spec.out_spec, output_kinds, guard, tensor_names)
+        program = cls(gm, slots, ep.call_spec.in_spec, ep.call_spec.out_spec, output_kinds, guard, tensor_names)
+        program._record_placeholders()
+        return program
+
+    def _record_placeholders(self) -> None:
+        """``graph_module.meta["graphlora.placeholders"]``: placeholder name -> (kind, target), for passes."""
+        placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+        self.graph_module.meta["graphlora.placeholders"] = {
+            node.name: (slot.kind, slot.target if slot.kind != "user" else node.name)
+            for slot, node in zip(self.slots, placeholders)
+        }
 
     # -- parameters ---------------------------------------------------------------------------
     def param_placeholder(self, fqn: str) -> torch.fx.Node | None:
@@ -416,6 +426,7 @@ class Program:
         else:
             node.meta["val"] = example.detach()
         self.slots.insert(index, InputSlot("param", fqn))
+        self._record_placeholders()
         return node
 
     def user_placeholders(self) -> list[torch.fx.Node]:

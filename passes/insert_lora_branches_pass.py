@@ -14,7 +14,7 @@ each targeted node ``y = aten.linear(x, W, b)``, the fixed node sequence (docs/g
 
 every node tagged ``graphlora.site`` = site name and ``graphlora.lora_step`` = its step (the base linear
 is step ``base``), and placeholders for LoRA parameters the program lacks. Guarantees: each targeted
-node has exactly one branch; nodes carry fake values; the branch matches the eager ``W + s B A``.
+node has exactly one branch (sites refused at rewrite time, listed in ``skipped_sites``, get none); nodes carry fake values; the branch matches the eager ``W + s B A``.
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ class BranchSpec:
 class InsertLoraBranchesPass(PassBase):
     name = "insert_lora_branches"
 
-    def __init__(self, program: Program, branches: dict[str, BranchSpec], live: torch.nn.Module, training: bool):
+    def __init__(self, program: Program, branches: dict[str, BranchSpec], live: torch.nn.Module, training: bool,
+                 refused: frozenset[str] = frozenset()):
         super().__init__()
         self.program = program
         self.branches = branches
+        self.refused = refused  # sites the policy chose that were refused (reported in skipped_sites)
         self.live = live
         self.training = training
 
@@ -65,6 +67,8 @@ class InsertLoraBranchesPass(PassBase):
         for node, labels in targets:
             site = labels.module
             spec = self.branches.get(site)
+            if spec is None and site in self.refused:
+                continue
             if spec is None:
                 raise GraphLoraError(
                     f"this trace selects {site}, which got no LoRA parameters when the model was rewritten; "

@@ -28,13 +28,17 @@ def set_random_lora(lora_model, seed: int = 1, std: float = 0.2) -> None:
 
 
 def merged_copy(original: torch.nn.Module, lora_model) -> torch.nn.Module:
-    """An eager deep copy of ``original`` whose adapted weights are W + s B A."""
+    """An eager deep copy of ``original`` whose adapted weights are W + s B A (test-side merge).
+
+    ``nn.Linear`` weights are [out, in]; a raw ``x @ W`` parameter is [in, out] and gets the transpose.
+    """
     import copy
 
     merged = copy.deepcopy(original)
     with torch.no_grad():
         for site in lora_model.sites:
-            module = lora_model.get_submodule(site.name)
+            module = lora_model.get_submodule(site.module)
             delta = site.scale * (module.lora_B.weight.float() @ module.lora_A.weight.float())
-            merged.get_submodule(site.name).weight += delta.to(merged.get_submodule(site.name).weight.dtype)
+            weight = merged.get_parameter(site.name + ".weight" if site.kind == "linear" else site.name)
+            weight += (delta.T if site.weight_layout == "in_out" else delta).to(weight.dtype)
     return merged

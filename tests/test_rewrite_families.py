@@ -86,7 +86,7 @@ def test_strategy_on_family(tiny, family, strategy):
         loss.backward()
         if step == 0:
             for site in lora_model.sites:
-                grad = lora_model.get_submodule(site.name).lora_B.weight.grad
+                grad = lora_model.get_submodule(site.module).lora_B.weight.grad
                 assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {site.name}.lora_B"
         optimizer.step()
         optimizer.zero_grad()

@@ -1,0 +1,344 @@
+"""Structural analysis of a traced VLM: what each trainable matmul computes from, and where it sits.
+
+Everything here reads the graph (dataflow, op types, module-stack *shape*) and never module names:
+
+* **sources** — which user inputs carry pixels (floating inputs other than ``inputs_embeds``; audio
+  inputs are their own modality) and which carry the token stream (``input_ids`` / ``inputs_embeds``,
+  the token-id inputs of the HF forward API);
+* **dependencies** — for every node, the set of modalities it is computed from;
+* **trainable matmuls** — ``aten.linear`` and ``matmul``/``mm``/``bmm`` nodes whose weight is a
+  parameter placeholder (possibly viewed/transposed/cast), with their kind (nn.Linear, F.linear on a
+  parameter, raw parameter matmul, 3-D expert matmul);
+* **blocks** — repeated modules: the outermost module of a node's module stack that is an integer-indexed
+  child (a ModuleList / Sequential element) and contains more than a single leaf;
+* **attention cores** — ``scaled_dot_product_attention`` calls, or the eager ``q @ k^T -> softmax ->
+  @ v`` pattern, whose q/k/v inputs and output say which projections are q, k, v, qkv and o;
+* **MLP wiring** — which projections feed a later projection through activations and products (up,
+  gate, gate_up -> down).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict, deque
+from typing import Iterable
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+
+IMAGE, TEXT, AUDIO = "image", "text", "audio"
+
+LINEAR_OPS = {aten.linear.default}
+MATMUL_OPS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
+#: Ops through which a parameter stays "the weight" of a matmul.
+WEIGHT_VIEW_OPS = {
+    aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.expand.default, aten.contiguous.default,
+    aten.type_as.default, aten.clone.default, aten.alias.default,
+}
+SDPA_OPS = {aten.scaled_dot_product_attention.default}
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+ACTIVATION_OPS = {
+    aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
+    aten.gelu_.default if hasattr(aten, "gelu_") else aten.gelu.default, aten.silu_.default, aten.relu_.default,
+    aten.hardswish.default, aten.mish.default, aten.elu.default, aten.leaky_relu.default,
+}
+PRODUCT_OPS = {aten.mul.Tensor}
+#: Ops that route tokens (MoE routers): a projection feeding these is not an MLP up/gate projection.
+ROUTING_OPS = {aten.topk.default, aten.sort.default, aten.argmax.default, aten.argsort.default,
+               aten.scatter.src, aten.scatter.value, aten.scatter_add.default}
+SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+             aten.slice.Tensor, aten.narrow.default}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources and dependencies
+# ---------------------------------------------------------------------------------------------
+def input_modality(name: str, value: object) -> str | None:
+    """The modality a user input carries: pixels (any floating input), tokens, audio, or None (masks, ids...)."""
+    lowered = name.lower()
+    if lowered.startswith("input_ids") or lowered.startswith("inputs_embeds"):
+        return TEXT
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+        return None
+    if "audio" in lowered or "input_features" in lowered or "speech" in lowered:
+        return AUDIO
+    return IMAGE
+
+
+def dependencies(graph: torch.fx.Graph, user_inputs: dict[torch.fx.Node, str | None]) -> dict[torch.fx.Node, frozenset]:
+    """For every node, the modalities it is (transitively) computed from."""
+    deps: dict[torch.fx.Node, frozenset] = {}
+    empty: frozenset = frozenset()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            kind = user_inputs.get(node)
+            deps[node] = frozenset([kind]) if kind else empty
+            continue
+        acc: set = set()
+        for inp in node.all_input_nodes:
+            acc |= deps.get(inp, empty)
+        deps[node] = frozenset(acc) if acc else empty
+    return deps
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainable matmuls
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+    """A matmul with a trainable weight: the unit graphlora labels and may adapt."""
+
+    node: torch.fx.Node
+    kind: str  # "linear" (nn.Linear), "param_linear" (F.linear on a parameter), "param_matmul", "expert_matmul"
+    weight: str  # FQN of the weight parameter
+    module: str  # module path the op was called from (innermost stack entry)
+    x: torch.fx.Node  # the activation input
+
+
+def _param_behind(arg, param_of: dict[torch.fx.Node, str]) -> str | None:
+    """The parameter FQN ``arg`` is (a view/cast of), if any."""
+    node = arg
+    for _ in range(8):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node in param_of:
+            return param_of[node]
+        if node.op == "call_function" and node.target in WEIGHT_VIEW_OPS and node.args:
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def trainable_matmuls(gm: torch.fx.GraphModule, param_of: dict[torch.fx.Node, str], stack_prefix: str,
+                      module_classes: dict[str, type]) -> list[Matmul]:
+    """Every matmul whose weight operand is a parameter, in graph order."""
+    from graphlora.name_rules import module_stack
+
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in LINEAR_OPS:
+            weight = _param_behind(node.args[1], param_of)
+            if weight is None:
+                continue
+            x = node.args[0]
+        elif node.target in MATMUL_OPS:
+            a, b = node.args[0], node.args[1]
+            wb, wa = _param_behind(b, param_of), _param_behind(a, param_of)
+            if wb is not None:
+                weight, x = wb, a
+            elif wa is not None:
+                weight, x = wa, b
+            else:
+                continue
+        else:
+            continue
+        stack = module_stack(node.meta, stack_prefix)
+        module = stack[-1].path if stack else ""
+        if node.target in LINEAR_OPS:
+            is_module_weight = weight == (f"{module}.weight" if module else "weight")
+            kind = "linear" if is_module_weight and issubclass(module_classes.get(module, object), torch.nn.Linear) \
+                else "param_linear"
+        else:
+            param_val = next((p.meta.get("val") for p, f in param_of.items() if f == weight), None)
+            kind = "expert_matmul" if param_val is not None and param_val.ndim >= 3 else "param_matmul"
+        out.append(Matmul(node, kind, weight, module, x))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+def block_of(node: torch.fx.Node, stack_prefix: str) -> tuple[str, str] | None:
+    """``(list_path, block_path)`` of the outermost repeated block a node sits in, or None.
+
+    A block is an integer-indexed module (ModuleList/Sequential element) that is not the innermost
+    entry of the stack (a bare Linear in a Sequential is not a block).
+    """
+    from graphlora.name_rules import module_stack
+
+    stack = module_stack(node.meta, stack_prefix)
+    for depth, entry in enumerate(stack[:-1]):
+        if entry.segment.isdigit():
+            return entry.path.rsplit(".", 1)[0], entry.path
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph walks
+# ---------------------------------------------------------------------------------------------
+def nearest_upstream(start: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Barrier nodes reached walking backwards from ``start`` (``start`` itself included if a barrier)."""
+    found, seen = set(), set()
+    queue = deque([start])
+    while queue:
+        n = queue.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in barrier:
+            found.add(n)
+            continue
+        queue.extend(n.all_input_nodes)
+    return found
+
+
+def nearest_downstream(start: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Barrier nodes reached walking forwards from ``start``'s users (not ``start`` itself)."""
+    found, seen = set(), set()
+    queue = deque(start.users)
+    while queue:
+        n = queue.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in barrier:
+            found.add(n)
+            continue
+        queue.extend(n.users)
+    return found
+
+
+def downstream_until(start: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Nodes downstream of ``start`` reached without crossing a barrier node (barriers excluded)."""
+    seen: set[torch.fx.Node] = set()
+    queue = deque(start.users)
+    while queue:
+        n = queue.popleft()
+        if n in seen or n in barrier:
+            continue
+        seen.add(n)
+        queue.extend(n.users)
+    return seen
+
+
+def nodes_between(src: torch.fx.Node, dst: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Nodes on paths from ``src`` to ``dst`` that do not cross another barrier node."""
+    forward, queue = set(), deque(src.users)
+    while queue:
+        n = queue.popleft()
+        if n in forward or (n in barrier and n is not dst):
+            continue
+        forward.add(n)
+        if n is not dst:
+            queue.extend(n.users)
+    backward, queue = set(), deque([dst])
+    while queue:
+        n = queue.popleft()
+        if n in backward:
+            continue
+        backward.add(n)
+        queue.extend(i for i in n.all_input_nodes if i in forward)
+    return forward & backward
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention cores
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AttentionCore:
+    q: torch.fx.Node
+    k: torch.fx.Node
+    v: torch.fx.Node
+    out: torch.fx.Node
+
+
+def _through_elementwise(node: torch.fx.Node, targets: set, up: bool, limit: int = 6) -> torch.fx.Node | None:
+    """Follow single-input chains (casts, scales, masks) to a node whose op is in ``targets``."""
+    current = node
+    for _ in range(limit):
+        if current.op == "call_function" and current.target in targets:
+            return current
+        nxt = current.all_input_nodes if up else list(current.users)
+        tensors = [n for n in nxt if isinstance(n.meta.get("val"), torch.Tensor)]
+        if not tensors:
+            return None
+        current = tensors[0]
+    return None
+
+
+def attention_cores(graph: torch.fx.Graph) -> list[AttentionCore]:
+    cores = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA_OPS:
+            q, k, v = node.args[:3]
+            cores.append(AttentionCore(q, k, v, node))
+        elif node.target in SOFTMAX_OPS:
+            scores = _through_elementwise(node.args[0], MATMUL_OPS, up=True)
+            probs_user = _through_elementwise(node, MATMUL_OPS, up=False)
+            if scores is None or probs_user is None or len(scores.args) < 2 or len(probs_user.args) < 2:
+                continue
+            cores.append(AttentionCore(scores.args[0], scores.args[1], probs_user.args[1], probs_user))
+    return cores
+
+
+def attention_roles(cores: list[AttentionCore], matmul_nodes: set[torch.fx.Node]) -> dict[torch.fx.Node, str]:
+    """q / k / v / qkv / o for matmuls feeding or fed by an attention core (no other matmul between)."""
+    slots: dict[torch.fx.Node, set[str]] = defaultdict(set)
+    out_role: dict[torch.fx.Node, str] = {}
+    for core in cores:
+        for slot, arg in (("q", core.q), ("k", core.k), ("v", core.v)):
+            if isinstance(arg, torch.fx.Node):
+                for m in nearest_upstream(arg, matmul_nodes):
+                    slots[m].add(slot)
+        for m in nearest_downstream(core.out, matmul_nodes):
+            out_role.setdefault(m, "o")
+    roles: dict[torch.fx.Node, str] = {}
+    for m, found in slots.items():
+        roles[m] = "attn.qkv" if len(found) > 1 else f"attn.{next(iter(found))}"
+    for m in out_role:
+        roles.setdefault(m, "attn.o")
+    return roles
+
+
+def mlp_roles(block_matmuls: list[torch.fx.Node], taken: set[torch.fx.Node], matmul_nodes: set[torch.fx.Node]) -> dict[torch.fx.Node, str]:
+    """up / gate / gate_up / down for the block's matmuls that are not attention projections."""
+    roles: dict[torch.fx.Node, str] = {}
+    free = [m for m in block_matmuls if m not in taken]
+    free_set = set(free)
+    for down in free:
+        feeders = [f for f in nearest_upstream(down.args[0], matmul_nodes) if f in free_set and f is not down]
+        # A router (its scores pass through top-k / scatter) gates which expert runs: role other.
+        routers = [f for f in feeders
+                   if any(n.op == "call_function" and n.target in ROUTING_OPS for n in downstream_until(f, matmul_nodes))]
+        feeders = [f for f in feeders if f not in routers]
+        if not feeders:
+            continue
+        roles[down] = "mlp.down"
+        activated = {}
+        gated = {}
+        for f in feeders:
+            between = nodes_between(f, down, matmul_nodes)
+            activated[f] = any(n.op == "call_function" and n.target in ACTIVATION_OPS for n in between)
+            # A single feeder split in two halves that meet in a product: a fused gate+up projection
+            # (x * sigmoid(x), QuickGELU, also multiplies a value by itself, but splits nothing).
+            split = any(n.op == "call_function" and n.target in SPLIT_OPS for n in between)
+            gated[f] = split and any(n.op == "call_function" and n.target in PRODUCT_OPS
+                                     and sum(1 for a in n.all_input_nodes if a in between or a is f) >= 2
+                                     for n in between)
+        if len(feeders) == 1:
+            f = feeders[0]
+            roles[f] = "mlp.gate_up" if gated[f] else "mlp.up"
+        else:
+            act = [f for f in feeders if activated[f]]
+            for f in feeders:
+                if len(act) == 1:
+                    roles[f] = "mlp.gate" if f is act[0] else "mlp.up"
+                else:
+                    roles.setdefault(f, "mlp.up")
+    return roles
+
+
+def reachable_to(roots: Iterable[torch.fx.Node], barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Barrier nodes reached walking backwards from ``roots``."""
+    found = set()
+    for r in roots:
+        found |= nearest_upstream(r, barrier)
+    return found

@@ -1,0 +1,157 @@
+"""Label every trainable matmul with component, role and layer, from the graph's structure.
+
+Reads: the graph (dataflow, op types), ``graph_module.meta["graphlora.placeholders"]`` (which
+placeholders are parameters and user inputs), ``graph_module.meta["graphlora.logits_outputs"]``, and
+the *shape* of each node's module stack (integer-indexed children = repeated blocks) — never module
+names. Writes: :class:`graphlora.labels.NodeLabels` (component, role, layer, site name, kind, weight)
+on every ``aten.linear`` / parameter ``matmul`` node; ``graph_module.meta["graphlora.towers"]``.
+
+Rules (graphlora/structure.py has the analyses):
+
+* modality of a matmul = the user inputs its activation is computed from: pixels (floating inputs),
+  tokens (``input_ids`` / ``inputs_embeds``), audio;
+* a repeated block (ModuleList element holding an attention core) belongs to the language tower when any of its matmuls reads
+  the token stream, else to the vision tower (audio: ``other``); ``layer`` = the block's position
+  in its tower's execution order (Mllama's local then global vision stacks: one sequence);
+* inside a language block, a projection that reads pixels but not tokens is a cross-attention key or
+  value: every matmul of the attention module that holds it is ``cross_attention``;
+* pixel-only matmuls outside blocks are ``projector`` when downstream of a vision block (between the
+  encoder and the merge into the text stream), ``vision`` before the blocks (patch embeddings);
+* the matmul(s) that produce ``logits`` with no other matmul in between are the ``head``;
+* roles: projections feeding an attention core's q/k/v (``scaled_dot_product_attention`` or eager
+  ``q k^T -> softmax -> v``) are q/k/v (qkv when several), the one fed by its output is o; inside a
+  block, a projection fed by others through activations/products is ``mlp.down``, its feeders
+  ``mlp.gate`` (the activated one), ``mlp.up`` or ``mlp.gate_up`` (one output split in two halves).
+
+Guarantees: every trainable matmul carries labels.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from graphlora import structure
+from graphlora.labels import Component, NodeLabels, Role, set_labels
+
+
+class LabelByStructurePass(PassBase):
+    name = "label_by_structure"
+
+    def __init__(self, module_classes: dict[str, type], stack_prefix: str = "m."):
+        super().__init__()
+        self.module_classes = module_classes
+        self.stack_prefix = stack_prefix
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        placeholders = graph_module.meta.get("graphlora.placeholders", {})
+        nodes = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+        param_of = {nodes[name]: target for name, (kind, target) in placeholders.items() if kind == "param"}
+        user_inputs = {nodes[name]: structure.input_modality(name, nodes[name].meta.get("val"))
+                       for name, (kind, _) in placeholders.items() if kind == "user"}
+        deps = structure.dependencies(graph, user_inputs)
+        matmuls = structure.trainable_matmuls(graph_module, param_of, self.stack_prefix, self.module_classes)
+        mm_nodes = {m.node for m in matmuls}
+
+        # Tower blocks are repeated modules that hold an attention core; repeated modules without one
+        # (Qwen3-VL's deepstack mergers, a Sequential of Linears) are not layers of a tower.
+        cores = structure.attention_cores(graph)
+        lists_with_attention = {blk[0] for core in cores if (blk := structure.block_of(core.out, self.stack_prefix))}
+        blocks = {m.node: blk if (blk := structure.block_of(m.node, self.stack_prefix)) and blk[0] in lists_with_attention
+                  else None for m in matmuls}
+        list_kind: dict[str, str] = {}
+        for m in matmuls:
+            blk = blocks[m.node]
+            if blk is None:
+                continue
+            d = deps[m.x]
+            current = list_kind.get(blk[0])
+            if structure.TEXT in d:
+                list_kind[blk[0]] = structure.TEXT
+            elif current != structure.TEXT:
+                if structure.IMAGE in d:
+                    list_kind[blk[0]] = structure.IMAGE
+                elif structure.AUDIO in d and current is None:
+                    list_kind[blk[0]] = structure.AUDIO
+
+        vision_block_matmuls = [m.node for m in matmuls
+                                if blocks[m.node] and list_kind.get(blocks[m.node][0]) == structure.IMAGE]
+        after_vision = _downstream_of(graph, vision_block_matmuls)
+
+        output = graph.output_node()
+        flat_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+        logits_idx = graph_module.meta.get("graphlora.logits_outputs") or []
+        heads = structure.reachable_to([flat_outputs[i] for i in logits_idx if isinstance(flat_outputs[i], torch.fx.Node)],
+                                       mm_nodes)
+
+        # Cross-attention: pixel-only projections inside language blocks mark their attention module.
+        cross_modules = set()
+        for m in matmuls:
+            blk = blocks[m.node]
+            d = deps[m.x]
+            if blk and list_kind.get(blk[0]) == structure.TEXT and structure.IMAGE in d and structure.TEXT not in d:
+                cross_modules.add(m.module.rsplit(".", 1)[0])
+
+        components: dict[torch.fx.Node, Component] = {}
+        for m in matmuls:
+            blk = blocks[m.node]
+            d = deps[m.x]
+            kind = list_kind.get(blk[0]) if blk else None
+            if blk and kind == structure.TEXT:
+                comp = Component.LANGUAGE
+                if any(m.module == c or m.module.startswith(c + ".") for c in cross_modules):
+                    comp = Component.CROSS_ATTENTION
+            elif blk and kind == structure.IMAGE:
+                comp = Component.VISION
+            elif m.node in heads and structure.TEXT in d:
+                comp = Component.HEAD
+            elif structure.TEXT in d:
+                comp = Component.LANGUAGE
+            elif structure.IMAGE in d:
+                comp = Component.PROJECTOR if m.node in after_vision else Component.VISION
+            else:
+                comp = Component.OTHER
+            components[m.node] = comp
+
+        roles = structure.attention_roles(cores, mm_nodes)
+        by_block: dict[str, list[torch.fx.Node]] = defaultdict(list)
+        for m in matmuls:
+            if blocks[m.node]:
+                by_block[blocks[m.node][1]].append(m.node)
+        for members in by_block.values():
+            roles.update(structure.mlp_roles(members, set(roles) & set(members), mm_nodes))
+
+        order: dict[str, dict[str, int]] = {"vision": {}, "language": {}}
+        for m in matmuls:
+            blk = blocks[m.node]
+            tower = {structure.IMAGE: "vision", structure.TEXT: "language"}.get(list_kind.get(blk[0])) if blk else None
+            if tower:
+                order[tower].setdefault(blk[1], len(order[tower]))
+
+        for m in matmuls:
+            comp = components[m.node]
+            blk = blocks[m.node]
+            tower = {Component.VISION: "vision", Component.LANGUAGE: "language",
+                     Component.CROSS_ATTENTION: "language"}.get(comp)
+            layer = order[tower].get(blk[1]) if (tower and blk) else None
+            in_block = blk is not None and comp in (Component.VISION, Component.LANGUAGE, Component.CROSS_ATTENTION)
+            role = Role(roles[m.node]) if in_block and m.node in roles else Role.OTHER
+            site = m.module if m.kind == "linear" else m.weight
+            set_labels(m.node, NodeLabels(comp, role, layer, site, m.kind, m.weight))
+        graph_module.meta["graphlora.towers"] = {t: len(b) for t, b in order.items()}
+        return PassResult(graph_module, bool(matmuls))
+
+
+def _downstream_of(graph: torch.fx.Graph, roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
