@@ -80,7 +80,9 @@ _STEP = _PREFIX + "lora_step"
 
 #: The fixed node sequence the LoRA insertion pass emits for one site, in graph order.
 #: (``base`` is the original linear; the others are new nodes.) See docs/graph-format.md.
-LORA_STEPS: tuple[str, ...] = ("base", "cast_in", "dropout", "lora_a", "lora_b", "scale", "cast_out", "add")
+LORA_STEPS: tuple[str, ...] = ("base", "cast_in", "dropout", "lora_a", "lora_b", "scale", "add", "cast_out")
+#: The step tag of a node that computes a whole branch (the fused op).
+FUSED_STEP = "fused"
 
 
 #: Kinds of trainable matmul. Only ``linear`` and ``param_matmul`` sites can carry LoRA today.
@@ -134,8 +136,8 @@ def get_labels(node: torch.fx.Node) -> NodeLabels | None:
 
 def set_site_step(node: torch.fx.Node, site: str, step: str) -> None:
     """Tag ``node`` as step ``step`` (one of :data:`LORA_STEPS`) of the LoRA branch of ``site``."""
-    if step not in LORA_STEPS:
-        raise ValueError(f"unknown LoRA step {step!r}; expected one of {LORA_STEPS}")
+    if step not in LORA_STEPS and step != FUSED_STEP:
+        raise ValueError(f"unknown LoRA step {step!r}; expected one of {LORA_STEPS + (FUSED_STEP,)}")
     meta = _custom(node)
     meta[_SITE] = site
     meta[_STEP] = step

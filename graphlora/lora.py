@@ -89,7 +89,7 @@ class EagerLoraHook:
         h = x.to(a.weight.dtype)
         h = F.dropout(h, self.dropout, module.training)
         delta = F.linear(F.linear(h, a.weight), b.weight) * self.scale
-        return output + delta.to(output.dtype)
+        return (output + delta).to(output.dtype)  # add in the promoted dtype, as PEFT
 
 
 def lora_delta(module: torch.nn.Module, scale: float) -> torch.Tensor:

@@ -34,6 +34,7 @@ from graphlora.lora import LORA_DTYPES, Site, SkippedSite, attach_lora, eager_lo
 from graphlora.pass_manager import PassManager, PassRecord
 from graphlora.passes.insert_lora_branches_pass import BranchSpec, InsertLoraBranchesPass
 from graphlora.passes.cross_check_labels_pass import CrossCheckLabelsPass
+from graphlora.passes.fuse_lora_linear_pass import FuseLoraLinearPass
 from graphlora.passes.label_by_structure_pass import LabelByStructurePass
 from graphlora.passes.mark_unreachable_sites_pass import MarkUnreachableSitesPass
 from graphlora.passes.select_lora_sites_pass import SelectLoraSitesPass
@@ -137,7 +138,8 @@ class GraphLoraModel(torch.nn.Module):
 
     forward = _ForwardWithSignature()  # type: ignore[assignment]
 
-    def __init__(self, original: torch.nn.Module, mirror: torch.nn.Module, policy: Policy, cache_size: int = 8):
+    def __init__(self, original: torch.nn.Module, mirror: torch.nn.Module, policy: Policy, cache_size: int = 8,
+                 fuse: bool = True, compile: bool | dict = False):
         super().__init__()
         # Register the mirror's top-level children/parameters/buffers under the same names: the
         # state_dict keys are the original's. The mirror root itself is held unregistered.
@@ -161,6 +163,10 @@ class GraphLoraModel(torch.nn.Module):
         self._cache = TraceCache(cache_size)
         self._adapters_enabled = True
         self._branches: dict = {}
+        #: Replace LoRA branches by the fused graphlora::lora_linear op (fuse_lora_linear pass).
+        self.fuse = fuse
+        #: torch.compile every program (True, or a dict of torch.compile keyword arguments).
+        self.compile = compile
         #: Called as ``observer(stage, graph_module)`` after export and after every pass of every trace
         #: (graph dumps use it). Not copied or pickled.
         self._observer = None
@@ -282,9 +288,13 @@ class GraphLoraModel(torch.nn.Module):
             MarkUnreachableSitesPass(),
         ]
 
-    def _transform_passes(self, program: Program, training: bool) -> list:
+    def _transform_passes(self, program: Program, key: CallKey) -> list:
         refused = frozenset(s.name for s in self.skipped_sites)
-        return [InsertLoraBranchesPass(program, self._branches, self, training, refused)]
+        passes = [InsertLoraBranchesPass(program, self._branches, self, key.training, refused)]
+        if self.fuse:
+            autocast_on = any(enabled for _, enabled, _ in key.autocast)
+            passes.append(FuseLoraLinearPass(autocast=autocast_on))
+        return passes
 
     def _forced_kwargs(self) -> dict[str, Any]:
         """FORCED_KWARGS that this model's forward accepts."""
@@ -306,7 +316,10 @@ class GraphLoraModel(torch.nn.Module):
         if not self.sites and not self.skipped_sites:
             self._create_sites(program)
         if key.variant == "lora":
-            records += PassManager(self._transform_passes(program, key.training), after_each=observe)(gm)
+            records += PassManager(self._transform_passes(program, key), after_each=observe)(gm)
+        if self.compile:
+            options = self.compile if isinstance(self.compile, dict) else {}
+            program.runner = torch.compile(gm, **options)
         self.traces.append(TraceRecord(key, records, t1 - t0, time.perf_counter() - t1))
         self.num_traces += 1
         return program
@@ -373,6 +386,13 @@ class GraphLoraModel(torch.nn.Module):
                 key = f"{site.module}.{part}.weight"
                 out[f"base_model.model.{key}" if peft_keys else key] = getattr(module, part).weight
         return out
+
+    def fusion_report(self) -> dict[str, dict]:
+        """Per site of the most recent LoRA program: ``{"fused": bool, "reason": str}``."""
+        for key, program in reversed(self._cache.programs()):
+            if key.variant == "lora":
+                return dict(program.graph_module.meta.get("graphlora.fusion", {}))
+        return {}
 
     def cache_info(self) -> dict[str, int]:
         return {"programs": len(self._cache), "maxsize": self._cache.maxsize, "traces_made": self.num_traces}

@@ -47,6 +47,8 @@ def rewrite(
     example_inputs: dict[str, Any] | None = None,
     *,
     cache_size: int = 8,
+    fuse: bool = True,
+    compile: bool | dict = False,
     observer: Callable[[str, torch.fx.GraphModule], None] | None = None,
 ) -> GraphLoraModel:
     """Trace ``model``, label its linears, and insert LoRA where ``policy`` says.
@@ -54,6 +56,14 @@ def rewrite(
     ``policy`` is a :class:`Policy`, a dict of its fields, or a path to a policy file (None: the
     defaults, i.e. Unsloth's). ``example_inputs`` are keyword arguments of one forward call (a training
     batch); when omitted they are synthesised from the model's config for known families.
+
+    ``fuse`` replaces each LoRA branch by the fused ``graphlora::lora_linear`` op (Triton kernels on
+    CUDA, a reference implementation elsewhere); ``lora_model.fusion_report()`` says per site whether
+    it was fused and why not.
+
+    ``compile=True`` (or a dict of ``torch.compile`` options) compiles every traced program with
+    ``torch.compile`` (Inductor; the fused op stays one opaque node with its own backward). The first
+    call of each program then pays the compile time.
 
     ``observer(stage, graph_module)``, when given, is called after export (stage ``"export"``) and
     after every pass of every trace, e.g. to dump the graph at each stage.
@@ -84,7 +94,7 @@ def rewrite(
         except PolicyError as e:
             where = source.locate(e.key_path) if source is not None else None
             raise PolicyError(f"{where}: {e}" if where else str(e), key_path=e.key_path) from None
-    lora_model = GraphLoraModel(model, mirror, policy, cache_size=cache_size)
+    lora_model = GraphLoraModel(model, mirror, policy, cache_size=cache_size, fuse=fuse, compile=compile)
     lora_model._observer = observer
     # The first call traces the model, decides the sites and creates the LoRA parameters.
     try:

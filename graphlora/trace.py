@@ -345,6 +345,8 @@ class Program:
     output_kinds: list[tuple[str, str | None]]  # per graph output: ("user"|"buffer"|"input", target)
     guard: ShapeGuard
     tensor_names: tuple[str, ...]
+    #: What runs the graph: the GraphModule itself, or a torch.compile'd version of it.
+    runner: Any = None
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -450,7 +452,7 @@ class Program:
             else:  # a constant: prefer the live module's tensor of that name (follows .to())
                 live_value = _get_attr(live, slot.target, default=None)
                 args.append(live_value if isinstance(live_value, torch.Tensor) else slot.value)
-        outputs = self.graph_module(*args)
+        outputs = (self.graph_module if self.runner is None else self.runner)(*args)
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)
         user_outputs = []

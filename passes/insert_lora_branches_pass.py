@@ -9,8 +9,8 @@ each targeted node ``y = aten.linear(x, W, b)``, the fixed node sequence (docs/g
     lora_a   = aten.linear(dropout, A)
     lora_b   = aten.linear(lora_a, B)
     scale    = aten.mul.Tensor(lora_b, s)
-    cast_out = aten.to.dtype(scale, y.dtype)
-    add      = aten.add.Tensor(y, cast_out)          # replaces y for all of y's users
+    add      = aten.add.Tensor(y, scale)             # in the promoted dtype, as PEFT
+    cast_out = aten.to.dtype(add, y.dtype)           # replaces y for all of y's users
 
 every node tagged ``graphlora.site`` = site name and ``graphlora.lora_step`` = its step (the base linear
 is step ``base``), and placeholders for LoRA parameters the program lacks. Guarantees: each targeted
@@ -84,11 +84,11 @@ class InsertLoraBranchesPass(PassBase):
                 lora_a = graph.call_function(aten.linear.default, (dropout, a_node))
                 lora_b = graph.call_function(aten.linear.default, (lora_a, b_node))
                 scale = graph.call_function(aten.mul.Tensor, (lora_b, spec.scale))
-                cast_out = graph.call_function(aten.to.dtype, (scale, y_dtype))
-                add = graph.call_function(aten.add.Tensor, (node, cast_out))
-            node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+                add = graph.call_function(aten.add.Tensor, (node, scale))
+                cast_out = graph.call_function(aten.to.dtype, (add, y_dtype))
+            node.replace_all_uses_with(cast_out, delete_user_cb=lambda user: user is not add)
             steps = [("base", node), ("cast_in", cast_in), ("dropout", dropout), ("lora_a", lora_a),
-                     ("lora_b", lora_b), ("scale", scale), ("cast_out", cast_out), ("add", add)]
+                     ("lora_b", lora_b), ("scale", scale), ("add", add), ("cast_out", cast_out)]
             for step, n in steps:
                 set_site_step(n, site, step)
                 n.meta.setdefault("custom", {})["graphlora.base_node"] = node.name

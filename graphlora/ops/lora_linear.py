@@ -438,6 +438,9 @@ def _lora_linear_group_setup_context(ctx, inputs, output):
     n = len(weights)
     ctx.save_for_backward(x, seed, *weights, *lora_as, *lora_bs)
     ctx.n = n
+    # torch.library flattens a list argument holding any None as one leaf: its gradient is then a
+    # single None, and a list of Nones only when every bias is a tensor.
+    ctx.bias_grads = [None] * len(biases) if all(isinstance(b, Tensor) for b in biases) else None
     ctx.scales = list(scales)
     ctx.dropout_p = dropout_p
 
@@ -451,14 +454,14 @@ def _lora_linear_group_autograd_backward(ctx, grads):
     need_a = list(need[3]) if isinstance(need[3], (list, tuple)) else [bool(need[3])] * n
     need_b = list(need[4]) if isinstance(need[4], (list, tuple)) else [bool(need[4])] * n
     if not (need_x or any(need_a) or any(need_b)):
-        return (None, [None] * n, None, [None] * n, [None] * n, None, None, None)
+        return (None, [None] * n, ctx.bias_grads, [None] * n, [None] * n, None, None, None)
     grads = [g if g is not None else x.new_zeros((*x.shape[:-1], w.shape[0]))
              for g, w in zip(grads, weights)]
     dx, d_as, d_bs = torch.ops.graphlora.lora_linear_group_backward(
         grads, x, list(weights), list(lora_as), list(lora_bs), ctx.scales, ctx.dropout_p, seed,
         need_x)
     # Same structure as the inputs: one entry per tensor of a Tensor[] argument.
-    return (dx if need_x else None, [None] * n, None,
+    return (dx if need_x else None, [None] * n, ctx.bias_grads,
             [d if f else None for d, f in zip(d_as, need_a)],
             [d if f else None for d, f in zip(d_bs, need_b)], None, None, None)
 
