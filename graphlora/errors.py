@@ -36,7 +36,12 @@ class QuantizedBaseLayerError(UnsupportedModelError):
 
 
 class ExportFailedError(GraphLoraError, RuntimeError):
-    """torch.export could not trace the model; the message names the failing op and source line."""
+    """torch.export could not trace the model; the message names the failing op and source line.
+
+    ``partial_graph`` holds the graph torch had traced up to the failure (for debugging).
+    """
+
+    partial_graph: str | None = None
 
 
 class PassError(GraphLoraError, RuntimeError):

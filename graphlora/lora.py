@@ -76,14 +76,27 @@ def attach_lora(module: torch.nn.Module, in_features: int, out_features: int, r:
     module.add_module("lora_B", lora_b)
 
 
-class EagerLoraHook:
-    """Forward hook adding ``scale * B(A(dropout(x)))`` to a site module's output (module-level LoRA)."""
+class AdapterSwitch:
+    """Shared on/off state of a model's adapters (``disable_adapter()`` turns it off)."""
 
-    def __init__(self, scale: float, dropout: float):
+    def __init__(self) -> None:
+        self.enabled = True
+
+
+class EagerLoraHook:
+    """Forward hook adding ``scale * B(A(dropout(x)))`` to a site module's output (module-level LoRA).
+
+    With a ``switch``, the hook does nothing while the switch is off.
+    """
+
+    def __init__(self, scale: float, dropout: float, switch: AdapterSwitch | None = None):
         self.scale = scale
         self.dropout = dropout
+        self.switch = switch
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.switch is not None and not self.switch.enabled:
+            return output
         x = args[0]
         a, b = module.lora_A, module.lora_B
         h = x.to(a.weight.dtype)
@@ -101,9 +114,9 @@ def lora_delta(module: torch.nn.Module, scale: float) -> torch.Tensor:
 def eager_lora_hooks(root: torch.nn.Module, sites: list[Site]) -> Iterator[None]:
     """Apply every site's LoRA to eager calls of ``root`` for the duration of the block.
 
-    ``nn.Linear`` sites get an :class:`EagerLoraHook`. A raw parameter matmul cannot be hooked: its
-    parameter is swapped for ``W + s (B A)^T`` (the merged weight; exact without dropout, which is
-    how generation runs) and restored afterwards.
+    ``nn.Linear`` sites get an :class:`EagerLoraHook`. A raw parameter matmul cannot be hooked: the
+    parameter is replaced, for the block, by the tensor ``W + s (B A)^T`` (differentiable in A and B;
+    the merged form applies no dropout) and restored afterwards.
     """
     handles = []
     swapped = []
@@ -115,14 +128,14 @@ def eager_lora_hooks(root: torch.nn.Module, sites: list[Site]) -> Iterator[None]
                 continue
             owner_path, _, attr = site.name.rpartition(".")
             owner = root.get_submodule(owner_path)
-            weight = getattr(owner, attr)
-            delta = lora_delta(module, site.scale)
-            merged = weight.detach() + (delta.T if site.weight_layout == "in_out" else delta).to(weight.dtype)
+            weight = owner._parameters.pop(attr)
             swapped.append((owner, attr, weight))
-            owner._parameters[attr] = torch.nn.Parameter(merged, requires_grad=False)
+            delta = lora_delta(module, site.scale)
+            owner.__dict__[attr] = weight + (delta.T if site.weight_layout == "in_out" else delta).to(weight.dtype)
         yield
     finally:
         for h in handles:
             h.remove()
-        for owner, attr, weight in swapped:
+        for owner, attr, weight in reversed(swapped):
+            owner.__dict__.pop(attr, None)
             owner._parameters[attr] = weight

@@ -28,18 +28,28 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphlora import families
-from graphlora.errors import GraphLoraError
-from graphlora.labels import Component, get_decision, labelled_nodes
-from graphlora.lora import LORA_DTYPES, Site, SkippedSite, attach_lora, eager_lora_hooks
+from graphlora.errors import ExportFailedError, GraphLoraError, TraceMismatchError
+from graphlora.labels import Component, SiteDecision, get_decision, labelled_nodes
+from graphlora.lora import LORA_DTYPES, AdapterSwitch, EagerLoraHook, Site, SkippedSite, attach_lora, eager_lora_hooks
 from graphlora.pass_manager import PassManager, PassRecord
+from graphlora.passes.apply_site_decisions_pass import ApplySiteDecisionsPass
 from graphlora.passes.insert_lora_branches_pass import BranchSpec, InsertLoraBranchesPass
 from graphlora.passes.cross_check_labels_pass import CrossCheckLabelsPass
+from graphlora.passes.label_from_site_table_pass import LabelFromSiteTablePass
 from graphlora.passes.fuse_lora_linear_pass import FuseLoraLinearPass
 from graphlora.passes.label_by_structure_pass import LabelByStructurePass
 from graphlora.passes.mark_unreachable_sites_pass import MarkUnreachableSitesPass
-from graphlora.passes.select_lora_sites_pass import SelectLoraSitesPass
+from graphlora.passes.select_lora_sites_pass import SelectLoraSitesPass, decide_site, decide_sites
 from graphlora.passes.strip_tensor_metadata_asserts_pass import StripTensorMetadataAssertsPass
 from graphlora.policy import Policy
+from graphlora.regions import (
+    RegionRunner,
+    call_as_kwargs,
+    capture_calls,
+    name_label_for_param,
+    name_labels,
+    unreachable_modules,
+)
 from graphlora.trace import (
     FORCED_KWARGS,
     CallKey,
@@ -47,7 +57,9 @@ from graphlora.trace import (
     export_call,
     make_call_key,
     split_call,
+    text_length,
 )
+from graphlora.verify import Verification, compare
 
 
 class TraceCache:
@@ -100,6 +112,28 @@ class TraceRecord:
     passes: list[PassRecord]
     export_seconds: float
     passes_seconds: float
+    path: str = ""  # "" for the whole model, else the region's module path
+
+
+@dataclasses.dataclass
+class RegionInfo:
+    """How one part of the model runs: a traced ``graph`` or ``eager`` (with module-level LoRA).
+
+    ``path`` is ``""`` for the whole model (whole-model tracing), else a submodule's path (regional
+    tracing). ``reason`` says why a part is eager; ``verification`` how its trace compared with eager.
+    """
+
+    path: str
+    mode: str  # "graph" | "eager" | "split" (not traced itself; its children were tried)
+    reason: str = ""
+    verification: Verification | None = None
+
+    def describe(self) -> str:
+        where = self.path or "<whole model>"
+        text = f"{where}: {self.mode}"
+        if self.reason:
+            text += f" ({self.reason})"
+        return text
 
 
 class _ForwardWithSignature:
@@ -161,8 +195,22 @@ class GraphLoraModel(torch.nn.Module):
         self.traces: list[TraceRecord] = []
         self.num_traces = 0
         self._cache = TraceCache(cache_size)
-        self._adapters_enabled = True
+        self._switch = AdapterSwitch()
         self._branches: dict = {}
+        #: "whole" (the forward is one traced program, after the family's prologue if any) or
+        #: "regional" (the largest submodules that trace and verify are programs; glue is eager).
+        self.trace_mode = "whole"
+        #: Which parts run as graphs and which eagerly (see :class:`RegionInfo`).
+        self.regions: list[RegionInfo] = []
+        #: How the traced program(s) compared with eager when the model was rewritten.
+        self.verification: list[Verification] = []
+        self._region_caches: dict[str, TraceCache] = {}
+        self._cache_size = cache_size
+        self._site_labels: dict = {}  # regional: site -> NodeLabels from names
+        self._site_decisions: dict = {}  # regional: site -> SiteDecision
+        self._towers: dict[str, int] = {}
+        self._adopting = True  # new sites may be created (during rewrite only)
+        self._text_len: int | None = None
         #: Replace LoRA branches by the fused graphlora::lora_linear op (fuse_lora_linear pass).
         self.fuse = fuse
         #: torch.compile every program (True, or a dict of torch.compile keyword arguments).
@@ -196,6 +244,8 @@ class GraphLoraModel(torch.nn.Module):
         self._eager._parameters.update({k: v for k, v in self._parameters.items() if k in self._eager._parameters})
         self._eager._buffers.update({k: v for k, v in self._buffers.items() if k in self._eager._buffers})
         self._cache.clear()  # programs bake dtypes and devices: re-trace after .to()
+        for cache in self._region_caches.values():
+            cache.clear()
         return result
 
     def __getstate__(self):
@@ -203,6 +253,14 @@ class GraphLoraModel(torch.nn.Module):
         _drop_transformers_capture_hooks(self._original)
         state = super().__getstate__()
         return {**state, "_observer": None}
+
+    @property
+    def _adapters_enabled(self) -> bool:
+        return self._switch.enabled
+
+    @_adapters_enabled.setter
+    def _adapters_enabled(self, value: bool) -> None:
+        self._switch.enabled = value
 
     @property
     def base_model(self) -> torch.nn.Module:
@@ -216,7 +274,13 @@ class GraphLoraModel(torch.nn.Module):
     def _forward(self, *args, **kwargs):
         """Run the model (same arguments and output type as the original model's forward)."""
         call = self._bind_call(args, kwargs)
-        if call.get("use_cache") or call.get("past_key_values") is not None or call.get("cache") is not None:
+        wants_cache = call.get("use_cache") or call.get("past_key_values") is not None or call.get("cache") is not None
+        if self.trace_mode == "regional":
+            if not wants_cache:
+                call = {**call, **self._forced_kwargs()}
+            self._text_len = text_length(call)
+            return self._eager(**call)  # regions run their programs, glue runs with LoRA hooks
+        if wants_cache:
             # Incremental decoding needs the KV cache object, which a traced program cannot return.
             return self._eager_call(call)
         program, flat = self._program_for(call)
@@ -264,6 +328,8 @@ class GraphLoraModel(torch.nn.Module):
 
     def generate(self, *args, **kwargs):
         """Hugging Face generation, run eagerly with the LoRA branches as forward hooks."""
+        if self.trace_mode == "regional":  # glue hooks are installed; regions fall back to eager + hooks
+            return self._eager.generate(*args, **kwargs)
         sites = self.sites if self._adapters_enabled else []
         with eager_lora_hooks(self, sites):
             return self._eager.generate(*args, **kwargs)
@@ -271,6 +337,8 @@ class GraphLoraModel(torch.nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes the base model's outputs (e.g. DPO reference passes)."""
+        if self.merged:  # the base weights hold the adapter: "disabled" would silently be the merged model
+            raise GraphLoraError("disable_adapter() while the adapter is merged: call unmerge() first")
         previous = self._adapters_enabled
         self._adapters_enabled = False
         try:
@@ -278,8 +346,48 @@ class GraphLoraModel(torch.nn.Module):
         finally:
             self._adapters_enabled = previous
 
+    # ------------------------------------------------------------------ adapters (graphlora/adapters.py)
+    def save_adapter(self, directory, overwrite: bool = False, **kwargs):
+        """Save the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``) plus
+        ``graphlora_policy.yaml``; ``PeftModel.from_pretrained`` and :func:`graphlora.load_adapter` read it.
+        Existing adapter files are replaced only with ``overwrite=True``. See docs/adapters.md."""
+        from graphlora import adapters
+
+        return adapters.save_adapter(self, directory, overwrite=overwrite, **kwargs)
+
+    def merge(self) -> None:
+        """Fold ``s * B A`` into the adapted base weights, in place.
+
+        WARNING: the base weights are SHARED with the original model you passed to ``rewrite()``: merging
+        changes that model too (``lora_model.base_model``) until :meth:`unmerge`. A copy of every merged
+        weight is kept so that ``unmerge()`` restores it bit-exactly. While merged, ``forward`` and
+        ``generate`` run without the LoRA branch (no dropout, no gradient into LoRA) and
+        ``disable_adapter()`` is refused. Weights tied to others are refused (use :meth:`save_merged`)."""
+        from graphlora import adapters
+
+        adapters.merge(self)
+
+    def unmerge(self) -> None:
+        """Restore the base weights saved by :meth:`merge`, bit-exactly, and re-enable the LoRA branch."""
+        from graphlora import adapters
+
+        adapters.unmerge(self)
+
+    @property
+    def merged(self) -> bool:
+        """Whether :meth:`merge` folded the adapter into the base weights."""
+        return self.__dict__.get("_merge_state") is not None
+
+    def save_merged(self, directory, overwrite: bool = False, **kwargs):
+        """Write a plain transformers checkpoint (``config.json`` + safetensors) of the merged model, which
+        ``from_pretrained`` loads into the original class; computed out of place, the live model (and the
+        original model) are not changed. ``modules_to_save`` copies replace the originals."""
+        from graphlora import adapters
+
+        return adapters.save_merged(self, directory, overwrite=overwrite, **kwargs)
+
     # ------------------------------------------------------------------ tracing
-    def _analysis_passes(self) -> list:
+    def _whole_analysis_passes(self) -> list:
         return [
             StripTensorMetadataAssertsPass(),
             LabelByStructurePass(module_classes={path: type(m) for path, m in self._eager.named_modules()}),
@@ -288,13 +396,29 @@ class GraphLoraModel(torch.nn.Module):
             MarkUnreachableSitesPass(),
         ]
 
-    def _transform_passes(self, program: Program, key: CallKey) -> list:
+    def _region_analysis_passes(self, path: str) -> list:
+        return [
+            StripTensorMetadataAssertsPass(),
+            LabelFromSiteTablePass(self._site_labels, path, self._towers, self._eager, _head_paths(self._eager)),
+            ApplySiteDecisionsPass(self._site_decisions, self.policy),
+        ]
+
+    def _transform_passes(self, program: Program, key: CallKey, path: str = "") -> list:
         refused = frozenset(s.name for s in self.skipped_sites)
-        passes = [InsertLoraBranchesPass(program, self._branches, self, key.training, refused)]
+        live = self if not path else self.get_submodule(path)
+        passes = [InsertLoraBranchesPass(program, self._branches_under(path), live, key.training, refused)]
         if self.fuse:
             autocast_on = any(enabled for _, enabled, _ in key.autocast)
             passes.append(FuseLoraLinearPass(autocast=autocast_on))
         return passes
+
+    def _branches_under(self, path: str) -> dict[str, BranchSpec]:
+        """Branch specs of the sites inside ``path``, with parameter names relative to it."""
+        if not path:
+            return self._branches
+        prefix = path + "."
+        return {name: dataclasses.replace(spec, a_fqn=spec.a_fqn[len(prefix):], b_fqn=spec.b_fqn[len(prefix):])
+                for name, spec in self._branches.items() if spec.a_fqn.startswith(prefix)}
 
     def _forced_kwargs(self) -> dict[str, Any]:
         """FORCED_KWARGS that this model's forward accepts."""
@@ -302,9 +426,14 @@ class GraphLoraModel(torch.nn.Module):
         takes_any = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
         return {k: v for k, v in FORCED_KWARGS.items() if takes_any or k in params}
 
-    def _build_program(self, tensors: dict[str, Any], constants: dict[str, Any], key: CallKey) -> Program:
+    def _build_program(self, tensors: dict[str, Any], constants: dict[str, Any], key: CallKey, path: str = "") -> Program:
+        """Export the whole model (``path == ""``) or a region, run the passes, maybe compile."""
         t0 = time.perf_counter()
-        ep = export_call(self._eager, tensors, {**constants, **self._forced_kwargs()})
+        if path:
+            module = self._eager.get_submodule(path)
+            ep = export_call(module, tensors, constants, text_len=self._text_len, class_forward=True)
+        else:
+            ep = export_call(self._eager, tensors, {**constants, **self._forced_kwargs()})
         program = Program.from_exported(ep, tuple(sorted(tensors)))
         t1 = time.perf_counter()
         gm = program.graph_module
@@ -312,55 +441,282 @@ class GraphLoraModel(torch.nn.Module):
         observe = self._observer
         if observe is not None:
             observe("export", gm)
-        records = PassManager(self._analysis_passes(), after_each=observe)(gm)
-        if not self.sites and not self.skipped_sites:
-            self._create_sites(program)
+        analysis = self._region_analysis_passes(path) if path else self._whole_analysis_passes()
+        records = PassManager(analysis, after_each=observe)(gm)
+        if self._adopting:
+            self._adopt_sites(program, base=path)
         if key.variant == "lora":
-            records += PassManager(self._transform_passes(program, key), after_each=observe)(gm)
+            records += PassManager(self._transform_passes(program, key, path), after_each=observe)(gm)
         if self.compile:
             options = self.compile if isinstance(self.compile, dict) else {}
             program.runner = torch.compile(gm, **options)
-        self.traces.append(TraceRecord(key, records, t1 - t0, time.perf_counter() - t1))
+        self.traces.append(TraceRecord(key, records, t1 - t0, time.perf_counter() - t1, path))
         self.num_traces += 1
         return program
 
-    def _create_sites(self, program: Program) -> None:
-        """Turn the first trace's decisions into sites and LoRA parameters (once per model)."""
+    def _adopt_sites(self, program: Program, base: str = "") -> None:
+        """Create sites and LoRA parameters for the program's targeted matmuls that have none yet.
+
+        Runs while the model is being rewritten (the whole model's first trace, or each region's);
+        afterwards the set of sites is fixed and a trace selecting a new one is an error.
+        """
         by_site: dict[str, list] = {}
         for node, labels in labelled_nodes(program.graph_module.graph):
             by_site.setdefault(labels.module, []).append((node, labels, get_decision(node)))
-        generator = torch.Generator().manual_seed(self.policy.random_state)
-        lora_dtype = LORA_DTYPES[self.policy.lora_dtype]
-        self.label_check = dict(program.graph_module.meta.get("graphlora.label_check", {}))
+        if not base:
+            self.label_check = dict(program.graph_module.meta.get("graphlora.label_check", {}))
+        known = {s.name for s in self.sites} | {s.name for s in self.skipped_sites}
         for site_name, entries in by_site.items():
+            if site_name in known:
+                continue
             node, labels, decision = next(((n, lab, d) for n, lab, d in entries if d.targeted), entries[0])
             if not decision.targeted:
                 if decision.skipped:
                     self.skipped_sites.append(_skipped(labels, decision.reason))
                 continue
-            owner, layout, refusal = _lora_owner(self, node, labels)
-            if refusal is not None:
-                self.skipped_sites.append(_skipped(labels, refusal))
-                continue
             in_features = int(node.args[0].meta["val"].shape[-1])
             out_features = int(node.meta["val"].shape[-1])
-            module = self.get_submodule(owner)
-            weight = self.get_parameter(labels.weight)
-            try:
-                attach_lora(module, in_features, out_features, decision.r, lora_dtype, generator, weight.device)
-            except ValueError as e:
-                self.skipped_sites.append(_skipped(labels, str(e)))
-                continue
-            scale = self.policy.scale(decision.r, decision.alpha)
-            site = Site(site_name, str(labels.component), str(labels.role), labels.layer, decision.r, decision.alpha,
-                        decision.dropout, scale, decision.reason, module=owner, kind=labels.kind, weight_layout=layout)
-            self.sites.append(site)
-            self._branches[site_name] = BranchSpec(
-                scale, site.dropout, f"{owner}.lora_A.weight", f"{owner}.lora_B.weight"
-            )
-        if not self.sites:
+            self._add_site(labels, decision, node, in_features, out_features)
+        if not base and not self.sites:
             reasons = "; ".join(f"{s.name}: {s.reason}" for s in self.skipped_sites[:5])
             raise GraphLoraError(f"no selected site can be adapted: {reasons}")
+
+    def _add_site(self, labels, decision, node, in_features: int, out_features: int) -> None:
+        """Attach LoRA for one targeted site (``node``: its matmul, needed for parameter matmuls only)."""
+        owner, layout, refusal = _lora_owner(self, node, labels)
+        if refusal is not None:
+            self.skipped_sites.append(_skipped(labels, refusal))
+            return
+        try:
+            weight = self.get_parameter(labels.weight)
+            attach_lora(self.get_submodule(owner), in_features, out_features, decision.r,
+                        LORA_DTYPES[self.policy.lora_dtype], self._generator, weight.device)
+        except ValueError as e:
+            self.skipped_sites.append(_skipped(labels, str(e)))
+            return
+        scale = self.policy.scale(decision.r, decision.alpha)
+        site = Site(labels.module, str(labels.component), str(labels.role), labels.layer, decision.r, decision.alpha,
+                    decision.dropout, scale, decision.reason, module=owner, kind=labels.kind, weight_layout=layout)
+        self.sites.append(site)
+        self._branches[labels.module] = BranchSpec(scale, site.dropout, f"{owner}.lora_A.weight", f"{owner}.lora_B.weight")
+
+    @property
+    def _generator(self) -> torch.Generator:
+        generator = self.__dict__.get("_lora_generator")
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.policy.random_state)
+            self.__dict__["_lora_generator"] = generator
+        return generator
+
+    def _drop_sites(self) -> None:
+        """Forget every site and LoRA parameter (before re-planning in regional mode)."""
+        for site in self.sites:
+            module = self.get_submodule(site.module)
+            for part in ("lora_A", "lora_B"):
+                if part in module._modules:
+                    del module._modules[part]
+        self.sites, self.skipped_sites, self._branches = [], [], {}
+        self.__dict__.pop("_lora_generator", None)
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ rewrite-time setup
+    def _setup(self, call: dict[str, Any], verify: bool | str = True, trace_mode: str = "auto") -> None:
+        """Trace, create the sites, verify against eager; fall back to regions when needed."""
+        on_meta = _on_meta(self)
+        if trace_mode not in ("auto", "whole", "regional"):
+            raise ValueError(f"trace_mode must be 'auto', 'whole' or 'regional', not {trace_mode!r}")
+        reason = "trace_mode='regional'"
+        if trace_mode != "regional":
+            try:
+                with torch.no_grad():
+                    program = self._trace_only(call)
+                self.trace_mode = "whole"
+                self.regions = [RegionInfo("", "graph", "traced whole, after the family's eager prologue"
+                                           if self._prologue_changes(call) else "traced whole")]
+                if on_meta or not verify:
+                    note = "on the meta device: no values to compare" if on_meta else "verify=False"
+                    self.verification = [Verification("", True, 0.0, 0.0, 0.0, note=f"verification skipped ({note})")]
+                    return
+                check = self._verify_whole(call, program)
+                self.verification = [check]
+                self.regions[0].verification = check
+                if check.passed:
+                    return
+                reason = check.describe()
+                if trace_mode == "whole":
+                    raise TraceMismatchError(reason)
+            except ExportFailedError as e:
+                if trace_mode == "whole":
+                    raise
+                lines = str(e).splitlines()
+                reason = "whole-model export failed: " + " ".join(line.strip() for line in lines[:3])
+            self._drop_sites()
+        self._setup_regional(call, verify=verify and not on_meta, strict=verify == "strict", reason=reason)
+
+    def _prologue_changes(self, call: dict[str, Any]) -> bool:
+        """Whether the family's prologue rewrites this call (some share a recipe and need none)."""
+        if self._prologue is None:
+            return False
+        out = self._prologue(self._eager, dict(call))
+        return set(out) != set(call) or any(out[k] is not call[k] for k in call)
+
+    def _verify_whole(self, call: dict[str, Any], program: Program) -> Verification:
+        params = [p for n, p in self.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+        deterministic = _is_deterministic(program)
+        context = contextlib.nullcontext() if (deterministic or not self.training) else _eval_mode(self)
+
+        def traced():
+            found, flat = self._program_for(dict(call))
+            return found(self, flat)
+
+        def eager():
+            with eager_lora_hooks(self, self.sites):
+                return self._eager(**{**call, **self._forced_kwargs()})
+
+        with context:
+            return compare("", traced, eager, params)
+
+    def _setup_regional(self, call: dict[str, Any], verify: bool, strict: bool, reason: str) -> None:
+        """Plan regional tracing: label by names, decide sites, trace and verify the largest regions."""
+        self.trace_mode = "regional"
+        self.regions, self.verification = [], []
+        call = {**call, **self._forced_kwargs()}
+        self._text_len = text_length(call)
+        captured = capture_calls(self._eager, call)
+        self._site_labels, self._towers = name_labels(self._eager, captured, _head_paths(self._eager))
+        items = list(self._site_labels.values())
+        decisions = decide_sites(self.policy, items, self._towers)
+        targeted_paths = [labels.module for labels, d in zip(items, decisions) if d.targeted]
+        dead = unreachable_modules(self._eager, call, targeted_paths) if not _on_meta(self) else set()
+        names = "`loss`" if "labels" in call else "`logits`"
+        decisions = [SiteDecision(False, f"its output never reaches {names}, so it can receive no gradient "
+                                         f"(chosen by: {d.reason})", d.r, d.alpha, d.dropout, skipped=True)
+                     if labels.module in dead else d for labels, d in zip(items, decisions)]
+        self._site_decisions = {labels.module: d for labels, d in zip(items, decisions)}
+        for labels, decision in zip(items, decisions):
+            if decision.skipped:
+                self.skipped_sites.append(_skipped(labels, decision.reason))
+            if decision.targeted:
+                weight = self.get_parameter(labels.weight)
+                self._add_site(labels, decision, None, weight.shape[1], weight.shape[0])
+        targeted = {s.module for s in self.sites}
+        self.regions.append(RegionInfo("", "eager", reason))
+
+        def contains_site(path: str) -> bool:
+            return any(m == path or m.startswith(path + ".") for m in targeted)
+
+        def visit(path: str) -> None:
+            module = self._eager.get_submodule(path)
+            if not contains_site(path) or isinstance(module, torch.nn.Linear):
+                return
+            failed = None
+            if path in captured:
+                if _captures_below(module):
+                    # transformers records hidden states with hooks on inner modules; inside a traced
+                    # region they would not fire, so only the modules carrying them can be regions.
+                    failed = RegionInfo(path, "split", "inner modules carry output-capturing hooks")
+                else:
+                    info = self._try_region(path, captured[path], verify, strict)
+                    if info.mode == "graph":
+                        self.regions.append(info)
+                        return
+                    failed = info
+            children = [f"{path}.{name}" for name, child in module._modules.items()
+                        if child is not None and contains_site(f"{path}.{name}") and not isinstance(child, torch.nn.Linear)]
+            if failed is not None:
+                if children:
+                    failed.mode = "split"  # its children are tried one by one
+                self.regions.append(failed)
+            for child in children:
+                visit(child)
+
+        for name in self._eager._modules:
+            visit(name)
+        # Sites outside graph regions run as module-level LoRA (forward hooks) on the eager glue.
+        graph_regions = [r.path for r in self.regions if r.mode == "graph" and r.path]
+        self._report_glue_parameter_matmuls(graph_regions)
+        for site in self.sites:
+            if site.kind == "linear" and not any(site.module.startswith(p + ".") for p in graph_regions):
+                module = self.get_submodule(site.module)
+                module.register_forward_hook(EagerLoraHook(site.scale, site.dropout, self._switch))
+        for path in graph_regions:
+            self._eager.get_submodule(path).forward = RegionRunner(self, path)
+
+    def _report_glue_parameter_matmuls(self, graph_regions: list[str]) -> None:
+        """Raw parameter matmuls are visible only in graphs: one the policy would adapt in the eager glue
+        cannot be, and is reported (never silently dropped)."""
+        known = {s.name for s in self.sites} | {s.name for s in self.skipped_sites}
+        heads = _head_paths(self._eager)
+        for owner_path, owner in self._eager.named_modules():
+            if isinstance(owner, (torch.nn.Linear, torch.nn.Embedding)) or any(
+                    owner_path == p or owner_path.startswith(p + ".") for p in graph_regions):
+                continue
+            for name, param in owner.named_parameters(recurse=False):
+                fqn = f"{owner_path}.{name}" if owner_path else name
+                if param.ndim != 2 or not param.is_floating_point() or fqn in known:
+                    continue
+                labels = name_label_for_param(self._eager, fqn, "param_matmul", heads)
+                if decide_site(self.policy, labels, self._towers)[0].targeted:
+                    self.skipped_sites.append(_skipped(labels, (
+                        "a raw parameter (used by a matmul?) in the eager glue of regional tracing: without a graph "
+                        "graphlora cannot see how it is used, so it is not adapted")))
+
+    def _try_region(self, path: str, captured, verify: bool, strict: bool) -> RegionInfo:
+        module = self._eager.get_submodule(path)
+        try:
+            call = call_as_kwargs(module, captured.args, captured.kwargs)
+            with torch.no_grad():
+                self._region_program(path, module, call)
+        except (ExportFailedError, GraphLoraError, TypeError) as e:
+            return RegionInfo(path, "eager", f"export failed: {str(e).splitlines()[0]}")
+        if not verify:
+            return RegionInfo(path, "graph", "traced (verification skipped)")
+        region_sites = [s for s in self.sites if s.module.startswith(path + ".")]
+        params = [p for s in region_sites for p in (self.get_parameter(f"{s.module}.lora_A.weight"),
+                                                    self.get_parameter(f"{s.module}.lora_B.weight"))]
+
+        def traced():
+            program, flat = self._region_program(path, module, call)
+            return program(module, flat)
+
+        def eager():
+            with eager_lora_hooks(self, region_sites):
+                return type(module).forward(module, **call)
+
+        with _eval_mode(module):
+            check = compare(path, traced, eager, params)
+        self.verification.append(check)
+        if not check.passed:
+            if strict:
+                raise TraceMismatchError(check.describe())
+            self._region_caches.pop(path, None)
+            return RegionInfo(path, "eager", "trace differs from eager", check)
+        return RegionInfo(path, "graph", "traced", check)
+
+    def _region_program(self, path: str, module: torch.nn.Module, call: dict[str, Any]) -> tuple[Program, list[Any]]:
+        tensors, constants = split_call(call, keep_none=True)
+        variant = "lora" if self._adapters_enabled else "base"
+        key = make_call_key(tensors, constants, module.training, variant)
+        cache = self._region_caches.setdefault(path, TraceCache(self._cache_size))
+        found = cache.find(key, lambda program: program.flatten_inputs(tensors))
+        if found is not None:
+            return found
+        program = self._build_program(tensors, constants, key, path)
+        cache.put(key, program)
+        return program, program.flatten_inputs(tensors)
+
+    def _run_region(self, path: str, args: tuple, kwargs: dict):
+        """A call of a traced region (installed as its ``forward`` by :class:`RegionRunner`)."""
+        module = self._eager.get_submodule(path)
+        try:
+            call = call_as_kwargs(module, args, kwargs)
+            program, flat = self._region_program(path, module, call)
+        except GraphLoraError:
+            # Untraceable arguments (a KV-cache object during generation ...): run this call eagerly.
+            sites = [s for s in self.sites if s.module.startswith(path + ".")] if self._adapters_enabled else []
+            with eager_lora_hooks(self, sites):
+                return type(module).forward(module, *args, **kwargs)
+        return program(module, flat)
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -399,6 +755,62 @@ class GraphLoraModel(torch.nn.Module):
 
     def programs(self) -> list[Program]:
         return [p for _, p in self._cache.programs()]
+
+
+def _on_meta(module: torch.nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in module.parameters())
+
+
+def _captured_key(hook) -> str | None:
+    """The output key a transformers output-capturing hook records ("hidden_states" ...), else None."""
+    if getattr(hook, "__module__", "") != "transformers.utils.output_capturing":
+        return None
+    code, cells = getattr(hook, "__code__", None), getattr(hook, "__closure__", None) or ()
+    names = code.co_freevars if code is not None else ()
+    for name, cell in zip(names, cells):
+        if name == "key":
+            return cell.cell_contents
+    return "unknown"
+
+
+def _captures_below(module: torch.nn.Module) -> bool:
+    """Whether a strict descendant records outputs through transformers' capturing hooks.
+
+    Attention maps (only recorded for ``output_attentions=True``) do not count: in regional mode
+    they are not returned for modules inside traced regions (docs/tracing.md).
+    """
+    for name, sub in module.named_modules():
+        if name and any(_captured_key(h) not in (None, "attentions") for h in sub._forward_hooks.values()):
+            return True
+    return False
+
+
+def _is_deterministic(program: Program) -> bool:
+    """No active dropout and no random op in the program (so two runs agree)."""
+    for node in program.graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.aten.dropout.default and node.args[1] > 0 and node.args[2]:
+            return False
+        if node.target in (torch.ops.aten.randint.low, torch.ops.aten.bernoulli.p, torch.ops.aten.rand.default):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    modes = {m: m.training for m in module.modules()}
+    root_mode = getattr(module, "_eager", None)
+    module.eval()
+    if root_mode is not None:
+        root_mode.training = False
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        if root_mode is not None:
+            root_mode.training = modes[module]
 
 
 def _skipped(labels, reason: str) -> SkippedSite:

@@ -49,6 +49,8 @@ def rewrite(
     cache_size: int = 8,
     fuse: bool = True,
     compile: bool | dict = False,
+    verify: bool | str = True,
+    trace_mode: str = "auto",
     observer: Callable[[str, torch.fx.GraphModule], None] | None = None,
 ) -> GraphLoraModel:
     """Trace ``model``, label its linears, and insert LoRA where ``policy`` says.
@@ -64,6 +66,15 @@ def rewrite(
     ``compile=True`` (or a dict of ``torch.compile`` options) compiles every traced program with
     ``torch.compile`` (Inductor; the fused op stays one opaque node with its own backward). The first
     call of each program then pays the compile time.
+
+    ``verify`` runs the traced program(s) and the eager model on the example inputs (eval mode, same
+    seed, random LoRA matrices) and compares outputs and LoRA gradients; a traced part that differs
+    is demoted (the whole model to regional tracing, a region to eager with module-level LoRA) and
+    reported in ``lora_model.regions`` / ``lora_model.verification``; ``verify="strict"`` raises
+    :class:`TraceMismatchError` instead; ``False`` skips it (it is also skipped on the meta device).
+
+    ``trace_mode``: ``"auto"`` (the whole forward, after the family's prologue; regions when that
+    fails or differs), ``"whole"`` (fail instead of falling back) or ``"regional"``.
 
     ``observer(stage, graph_module)``, when given, is called after export (stage ``"export"``) and
     after every pass of every trace, e.g. to dump the graph at each stage.
@@ -98,8 +109,8 @@ def rewrite(
     lora_model._observer = observer
     # The first call traces the model, decides the sites and creates the LoRA parameters.
     try:
-        with torch.no_grad():
-            lora_model._trace_only(example_inputs)
+        lora_model._setup(example_inputs, verify=verify, trace_mode=trace_mode)
+        lora_model._adopting = False
     except PolicyError as e:
         where = source.locate(e.key_path) if source is not None and e.key_path else None
         if where is None:

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
+import io
 import linecache
 import logging
 import os
+import sys
 import traceback
 from typing import Any
 
@@ -48,13 +51,10 @@ def _freeze(value: Any) -> Any:
         return ("dict", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
     if isinstance(value, (torch.dtype, torch.device)):
         return str(value)
-    try:
-        hash(value)
-    except TypeError:
-        raise GraphLoraError(
-            f"cannot trace a call with an unhashable non-tensor argument of type {type(value).__name__}"
-        ) from None
-    return value
+    if value is None or isinstance(value, (bool, int, float, str, slice)) or isinstance(value, enum.Enum):
+        return value
+    # Objects (a KV cache, a config ...) would be baked into the trace by identity: not traceable.
+    raise GraphLoraError(f"cannot trace a call with a non-tensor argument of type {type(value).__name__}")
 
 
 def _is_tensor_tree(value: Any) -> bool:
@@ -87,12 +87,18 @@ class CallKey:
     variant: str = "lora"  # "lora" or "base" (adapters disabled)
 
 
-def split_call(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split call keyword arguments into tensor inputs and non-tensor constants (None dropped)."""
+def split_call(kwargs: dict[str, Any], keep_none: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split call keyword arguments into tensor inputs and non-tensor constants.
+
+    ``None`` values are dropped (HF forwards default every argument to None) unless ``keep_none``
+    (a submodule's forward may take a required argument that is None in this call).
+    """
     tensors: dict[str, Any] = {}
     constants: dict[str, Any] = {}
     for name, value in kwargs.items():
         if value is None:
+            if keep_none:
+                constants[name] = None
             continue
         if _is_tensor_tree(value):
             tensors[name] = value
@@ -119,18 +125,22 @@ def make_call_key(tensors: dict[str, Any], constants: dict[str, Any], training: 
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
-def _make_export_wrapper(model: torch.nn.Module, tensor_names: tuple[str, ...], constants: dict[str, Any]):
+def _make_export_wrapper(model: torch.nn.Module, tensor_names: tuple[str, ...], constants: dict[str, Any],
+                         class_forward: bool = False):
     """A module whose forward has one named parameter per tensor input.
 
     torch.export refuses ``dynamic_shapes`` for inputs that land in a ``**kwargs`` parameter, and
     most VLM forwards take their image arguments that way; this wrapper gives each input a name.
+    With ``class_forward`` the model's class ``forward`` is called directly: no hooks of the model
+    module itself, and not an instance-level ``forward`` override (a region runner).
     """
     for name in tensor_names:
         if not name.isidentifier():
             raise GraphLoraError(f"cannot trace an input named {name!r}: not a Python identifier")
     params = ", ".join(tensor_names)
     call = ", ".join(f"{n}={n}" for n in tensor_names)
-    src = f"def forward(self, {params}):\n    return self.{_WRAPPED}({call}, **self._graphlora_constants)\n"
+    target = f"type(self.{_WRAPPED}).forward(self.{_WRAPPED}, " if class_forward else f"self.{_WRAPPED}("
+    src = f"def forward(self, {params}):\n    return {target}{call}, **self._graphlora_constants)\n"
     namespace: dict[str, Any] = {}
     exec(compile(src, "<graphlora export wrapper>", "exec"), namespace)  # noqa: S102 - generated from identifiers
     cls = type("GraphLoraExportWrapper", (torch.nn.Module,), {"forward": namespace["forward"]})
@@ -151,7 +161,7 @@ def text_length(tensors: dict[str, Any]) -> int | None:
     return None
 
 
-def default_dynamic_shapes(tensors: dict[str, Any]) -> dict[str, Any]:
+def default_dynamic_shapes(tensors: dict[str, Any], length: int | None = None) -> dict[str, Any]:
     """Dynamic-shape spec: the text length is dynamic, everything else static.
 
     Every dimension of an integer/bool input (token ids, masks, labels, position ids) whose size is
@@ -159,15 +169,19 @@ def default_dynamic_shapes(tensors: dict[str, Any]) -> dict[str, Any]:
     needs a constant), as does ``inputs_embeds``' sequence dimension. Marking every dimension AUTO
     costs up to three times the export time for nothing: VLMs fix batch and image sizes anyway, and
     a new batch size is a new trace (cached).
+
+    A region (a submodule traced alone) sees hidden states, not token ids: pass the model call's
+    text ``length`` and every dimension of that size, floating inputs included, is marked.
     """
-    length = text_length(tensors)
+    floats_too = length is not None
+    length = length if length is not None else text_length(tensors)
 
     def spec(name: str, t: torch.Tensor):
         if length is None or length < 2:
             return None
         if name == "inputs_embeds":
             return {1: Dim.AUTO}
-        if t.dtype.is_floating_point or t.is_complex():
+        if (t.dtype.is_floating_point or t.is_complex()) and not floats_too:
             return None
         dims = {i: Dim.AUTO for i, size in enumerate(t.shape) if size == length}
         return dims or None
@@ -217,8 +231,11 @@ def describe_export_failure(model: torch.nn.Module, exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_export_logs():
-    """Export logs a warning per dimension it specialises (Dim.AUTO on a size-1 input): expected here."""
-    loggers = [logging.getLogger(name) for name in ("torch._export.non_strict_utils", "torch.export")]
+    """Quiet torch's export-time logging: a warning per specialised dimension (expected here), and on a
+    failing export the whole partial graph; graphlora reports failures itself, naming op and line."""
+    names = ("torch._export.non_strict_utils", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
+             "torch._subclasses.fake_tensor")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -229,24 +246,56 @@ def _quiet_export_logs():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _no_output_collector():
+    """Hide transformers' active output collector while tracing.
+
+    A region traced during a forward would otherwise append its fake intermediate values to the
+    hidden states the enclosing model is collecting through hooks.
+    """
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - older transformers
+        yield
+        return
+    saved = _active_collector.get()
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token) if token is not None else _active_collector.set(saved)
+
+
 def export_call(
     model: torch.nn.Module,
     tensors: dict[str, Any],
     constants: dict[str, Any],
     dynamic: bool = True,
+    text_len: int | None = None,
+    class_forward: bool = False,
 ) -> ExportedProgram:
-    """torch.export (non-strict, training IR) of ``model(**tensors, **constants)``."""
+    """torch.export (non-strict, training IR) of ``model(**tensors, **constants)``.
+
+    ``text_len``: for a region (a submodule traced alone), the text length of the model call (see
+    :func:`default_dynamic_shapes`). ``class_forward``: call the class ``forward`` (regions: their
+    instance ``forward`` is a runner, and their own hooks run around the runner, not in the trace).
+    """
     names = tuple(sorted(tensors))
-    wrapper = _make_export_wrapper(model, names, constants)
+    wrapper = _make_export_wrapper(model, names, constants, class_forward=class_forward)
     kwargs = {n: tensors[n] for n in names}
-    dynamic_shapes = default_dynamic_shapes(kwargs) if dynamic else None
+    dynamic_shapes = default_dynamic_shapes(kwargs, text_len) if dynamic else None
+    stderr = io.StringIO()  # torch prints the partial graph of a failed export to stderr
     try:
-        with _quiet_export_logs():
-            return torch.export.export(wrapper, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        with _quiet_export_logs(), _no_output_collector(), contextlib.redirect_stderr(stderr):
+            ep = torch.export.export(wrapper, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except GraphLoraError:
         raise
     except Exception as e:  # noqa: BLE001 - every export failure is translated
-        raise ExportFailedError(describe_export_failure(model, e)) from e
+        error = ExportFailedError(describe_export_failure(model, e))
+        error.partial_graph = getattr(e, "partial_fx_graph", None) or stderr.getvalue()
+        raise error from e
+    sys.stderr.write(stderr.getvalue())
+    return ep
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,41 @@ def decide_site(policy: Policy, labels: NodeLabels, towers: dict[str, int]) -> t
     return SiteDecision(True, reason, r=r, alpha=alpha, dropout=dropout), matched
 
 
+def decide_sites(policy: Policy, items: list[NodeLabels], towers: dict[str, int]) -> list[SiteDecision]:
+    """Decisions for ``items`` (in order), checking the policy against the whole set.
+
+    Raises :class:`PolicyError` for a rule that affects no site (unless ``allow_unmatched``) and
+    :class:`NoSitesSelectedError` naming the flags that excluded everything.
+    """
+    rule_hits = collections.Counter()  # rule index -> LoRA sites it affected
+    rule_seen = collections.Counter()  # rule index -> linears it matched at all
+    excluded = collections.Counter()
+    decisions = []
+    for labels in items:
+        decision, matched = decide_site(policy, labels, towers)
+        rule_seen.update(matched)
+        # A rule that only sets r/alpha/dropout counts where the site ends up adapted.
+        rule_hits.update(i for i in matched if policy.rules[i].target is not None or decision.targeted)
+        decisions.append(decision)
+        if not decision.targeted:
+            excluded[(str(labels.component), decision.reason)] += 1
+    for i, rule in enumerate(policy.rules):
+        if rule_hits[i] == 0 and not rule.allow_unmatched:
+            what = (f"it matches {rule_seen[i]} linear(s), none of which gets LoRA" if rule_seen[i]
+                    else "it matches no linear of this model")
+            raise PolicyError(
+                f"rules[{i}]: matches no LoRA site: {what} (match: {rule.match.model_dump(exclude_none=True)}); "
+                "fix the rule or set allow_unmatched: true",
+                key_path=f"rules[{i}]",
+            )
+    if not any(d.targeted for d in decisions):
+        detail = "; ".join(f"{n} {comp} linear(s): {why}" for (comp, why), n in sorted(excluded.items()))
+        raise NoSitesSelectedError(
+            f"the policy selects no LoRA site among {len(items)} linears. Excluded: {detail or 'no linears found'}"
+        )
+    return decisions
+
+
 class SelectLoraSitesPass(PassBase):
     name = "select_lora_sites"
 
@@ -125,32 +160,7 @@ class SelectLoraSitesPass(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         towers = graph_module.meta.get("graphlora.towers", {})
         nodes = labelled_nodes(graph_module.graph)
-        rule_hits = collections.Counter()  # rule index -> LoRA sites it affected
-        rule_seen = collections.Counter()  # rule index -> linears it matched at all
-        excluded = collections.Counter()
-        targeted = 0
-        for node, labels in nodes:
-            decision, matched = decide_site(self.policy, labels, towers)
-            rule_seen.update(matched)
-            # A rule that only sets r/alpha/dropout counts where the site ends up adapted.
-            rule_hits.update(i for i in matched if self.policy.rules[i].target is not None or decision.targeted)
+        decisions = decide_sites(self.policy, [labels for _, labels in nodes], towers)
+        for (node, _), decision in zip(nodes, decisions):
             set_decision(node, decision)
-            if decision.targeted:
-                targeted += 1
-            else:
-                excluded[(str(labels.component), decision.reason)] += 1
-        for i, rule in enumerate(self.policy.rules):
-            if rule_hits[i] == 0 and not rule.allow_unmatched:
-                what = (f"it matches {rule_seen[i]} linear(s), none of which gets LoRA" if rule_seen[i]
-                        else "it matches no linear of this model")
-                raise PolicyError(
-                    f"rules[{i}]: matches no LoRA site: {what} (match: {rule.match.model_dump(exclude_none=True)}); "
-                    "fix the rule or set allow_unmatched: true",
-                    key_path=f"rules[{i}]",
-                )
-        if targeted == 0:
-            detail = "; ".join(f"{n} {comp} linear(s): {why}" for (comp, why), n in sorted(excluded.items()))
-            raise NoSitesSelectedError(
-                f"the policy selects no LoRA site among {len(nodes)} linears. Excluded: {detail or 'no linears found'}"
-            )
         return PassResult(graph_module, True)

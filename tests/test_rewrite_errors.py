@@ -37,11 +37,23 @@ class DataDependent(torch.nn.Module):
 def test_export_failure_names_operation_and_source_line():
     model = DataDependent()
     with pytest.raises(ExportFailedError) as info:
-        graphlora.rewrite(model, None, {"x": torch.randn(2, 4)})
+        graphlora.rewrite(model, dict(rules=[{"match": {"component": "other"}, "target": True}]),
+                          {"x": torch.randn(2, 4)}, trace_mode="whole")
     message = str(info.value)
     assert "test_rewrite_errors.py" in message
     assert "if x.sum() > 0:" in message
     assert "data-dependent" in message or "Could not guard" in message
+
+
+def test_export_failure_falls_back_to_regions_and_says_why():
+    model = DataDependent()
+    lora_model = graphlora.rewrite(model, dict(rules=[{"match": {"component": "other"}, "target": True}]),
+                                   {"x": torch.randn(2, 4)})
+    assert lora_model.trace_mode == "regional"
+    whole = lora_model.regions[0]
+    assert whole.path == "" and whole.mode == "eager"
+    assert "whole-model export failed" in whole.reason and "if x.sum() > 0:" in whole.reason
+    assert [s.name for s in lora_model.sites] == ["proj"]  # adapted in the eager glue
 
 
 def test_unknown_policy_key_is_refused():
