@@ -19,6 +19,7 @@ from graphlora.lora import Site, SkippedSite
 from graphlora.model import GraphLoraModel
 from graphlora.policy import Policy, Rule, RuleMatch, load_policy
 from graphlora.rewrite import rewrite
+from graphlora.adapters import load_adapter
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "Site",
     "SkippedSite",
     "UnsupportedModelError",
+    "load_adapter",
     "load_policy",
     "rewrite",
 ]

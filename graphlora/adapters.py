@@ -1,0 +1,1026 @@
+"""Adapters and merging, interoperable with PEFT (docs/adapters.md).
+
+* :func:`save_adapter` writes PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, keys
+  ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``) plus the resolved graphlora policy
+  (``graphlora_policy.yaml``). ``PeftModel.from_pretrained`` re-injects exactly the saved sites.
+* :func:`load_adapter` reads adapters saved by graphlora or by ``PeftModel.save_pretrained``: it builds
+  the policy that selects exactly the adapter's modules with their ranks and alphas, rewrites the model
+  and copies the tensors in. Every PEFT config feature graphlora cannot honour is refused by name.
+* :func:`merge` / :func:`unmerge` fold ``s * B A`` into the base weights in place and restore them
+  bit-exactly from saved copies; :func:`save_merged` writes a plain transformers checkpoint without
+  touching the live model.
+
+Files are written to temporary files in the target directory and moved into place with ``os.replace``
+as one all-or-nothing step (previous files are kept as hard-linked backups until the step succeeds).
+Nothing is pickled: safetensors, JSON and YAML only. This module does not import PEFT.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from graphlora.errors import GraphLoraError
+from graphlora.lora import LORA_DTYPES, Site, lora_delta
+
+if TYPE_CHECKING:  # pragma: no cover
+    from graphlora.model import GraphLoraModel
+    from graphlora.policy import Policy
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"
+POLICY_NAME = "graphlora_policy.yaml"
+PEFT_PREFIX = "base_model.model."
+
+#: safetensors metadata keys written by graphlora (strings; PEFT ignores them).
+META_CONFIG = "graphlora.adapter_config"  # JSON of the config fields that change the numbers
+META_POLICY_SHA = "graphlora.policy_sha256"  # sha256 of graphlora_policy.yaml
+META_VERSION = "graphlora.version"
+
+#: Config fields recorded in the weights file, so that a config that does not belong with the weights
+#: (an interrupted save, a hand edit) is caught on load.
+_NUMERIC_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+                   "target_parameters", "modules_to_save")
+
+_MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+class AdapterError(GraphLoraError, ValueError):
+    """An adapter cannot be saved, read or applied; the message names the file, key, site or config field."""
+
+
+class AdapterExistsError(AdapterError, FileExistsError):
+    """The target directory already holds an adapter (or a checkpoint) and ``overwrite`` is False."""
+
+
+# =====================================================================================================
+# PEFT semantics (re-stated here; graphlora does not import PEFT)
+# =====================================================================================================
+def _peft_list_match(name: str, entries: Iterable[str]) -> bool:
+    """PEFT's list matching of ``target_modules`` / ``target_parameters``: equal, or ends with ``"." + entry``."""
+    return any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _peft_targets_module(target_modules: Any, name: str, linear_names: set[str]) -> bool:
+    if target_modules is None:
+        return False
+    if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":
+            return name in linear_names
+        return re.fullmatch(target_modules, name) is not None
+    return _peft_list_match(name, target_modules)
+
+
+def _peft_pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first pattern P (in order) such that the key
+    matches ``(.*\\.)?(P)$`` from its start."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return patterns[pattern]
+    return default
+
+
+def _peft_excluded_by_modules_to_save(name: str, modules_to_save: Iterable[str] | None) -> bool:
+    """PEFT never puts an adapter on (or inside) a ``modules_to_save`` module."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or ())
+
+
+def _peft_modules_to_save_hits(model: torch.nn.Module, name: str) -> list[str]:
+    """Module paths PEFT wraps for a ``modules_to_save`` entry: those that end with it (no dot required)."""
+    return [path for path, _ in model.named_modules() if path and path.endswith(name)]
+
+
+# =====================================================================================================
+# small helpers
+# =====================================================================================================
+def _number(value: float) -> int | float:
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def _weight_name(site: Site) -> str:
+    """The parameter a site adapts: ``<module>.weight`` for a Linear, the parameter path otherwise."""
+    return f"{site.name}.weight" if site.kind == "linear" else site.name
+
+
+def _modules_to_save_paths(model: torch.nn.Module, names: list[str] | None) -> list[str]:
+    """The module paths graphlora copied for ``policy.modules_to_save`` (same matching as rewrite)."""
+    paths: set[str] = set()
+    for name in names or []:
+        paths.update(p for p, _ in model.named_modules() if p and (p == name or p.endswith("." + name)))
+    return sorted(paths)
+
+
+def _shorten(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _is_inside(path: str, container: str) -> bool:
+    return path == container or path.startswith(container + ".")
+
+
+# =====================================================================================================
+# all-or-nothing file writes
+# =====================================================================================================
+def _temp_path(directory: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".graphlora-tmp", dir=directory)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError:  # pragma: no cover - best effort
+        pass
+
+
+def _write_text_temp(directory: Path, name: str, text: str) -> Path:
+    tmp = _temp_path(directory, name)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _write_safetensors_temp(directory: Path, name: str, tensors: dict[str, torch.Tensor],
+                            metadata: dict[str, str]) -> Path:
+    import safetensors.torch
+
+    tmp = _temp_path(directory, name)
+    try:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        _fsync(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _backup(final: Path, token: str) -> Path:
+    backup = final.with_name(f".{final.name}.{token}.graphlora-backup")
+    try:
+        os.link(final, backup)  # no copy of the data; the old inode survives the replace
+    except OSError:
+        shutil.copy2(final, backup)
+    return backup
+
+
+def _commit(directory: Path, staged: dict[str, Path], remove: Iterable[str] = ()) -> None:
+    """Move ``staged`` temporary files onto their names in ``directory`` and delete ``remove``, all or nothing.
+
+    Existing files are hard-linked to backups first; if anything fails (or the call is interrupted by an
+    exception such as KeyboardInterrupt), the files already replaced are put back and new ones removed.
+    Temporary files never outlive the call.
+    """
+    token = uuid.uuid4().hex[:8]
+    remove = [n for n in remove if n not in staged and (directory / n).exists()]
+    backups: dict[str, Path] = {}
+    done: list[str] = []  # names already replaced or removed, in order
+    try:
+        for name in list(staged) + remove:
+            if (directory / name).exists():
+                backups[name] = _backup(directory / name, token)
+        for name, tmp in staged.items():
+            os.replace(tmp, directory / name)
+            done.append(name)
+        for name in remove:
+            os.unlink(directory / name)
+            done.append(name)
+    except BaseException:
+        for name in reversed(done):
+            final = directory / name
+            if name in backups:
+                os.replace(backups.pop(name), final)
+            elif final.exists():
+                final.unlink()
+        raise
+    finally:
+        for tmp in staged.values():
+            if tmp.exists():
+                tmp.unlink()
+        for backup in backups.values():
+            if backup.exists():
+                backup.unlink()
+
+
+# =====================================================================================================
+# save_adapter
+# =====================================================================================================
+def _linear_module_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _check_peft_can_represent(lora_model: "GraphLoraModel", mts_paths: list[str]) -> float:
+    """Refuse (naming the sites) what a PEFT LoraConfig cannot say; return the one dropout value."""
+    sites = lora_model.sites
+    by_dropout: dict[float, list[str]] = collections.defaultdict(list)
+    for site in sites:
+        by_dropout[site.dropout].append(site.name)
+    if len(by_dropout) > 1:
+        detail = "; ".join(f"dropout {d}: {_shorten(names, 3)}" for d, names in sorted(by_dropout.items()))
+        raise AdapterError(
+            "cannot save a PEFT adapter: PEFT has one lora_dropout for all modules, but these sites differ "
+            f"({detail}). Give every site the same dropout (rules[].dropout) before saving."
+        )
+    dropout = next(iter(by_dropout)) if by_dropout else lora_model.policy.lora_dropout
+    for site in sites:
+        if site.kind != "linear":
+            if dropout:
+                raise AdapterError(
+                    f"cannot save a PEFT adapter: site {site.name} is a raw parameter matmul ({site.kind}), which PEFT "
+                    f"represents with target_parameters (lora.ParamWrapper), and PEFT refuses lora_dropout != 0 "
+                    f"there (the adapter has lora_dropout={dropout}). Set lora_dropout: 0 to save it."
+                )
+            owner_param = lora_model.get_parameter(site.name)
+            if owner_param.dim() != 2:
+                raise AdapterError(f"cannot save a PEFT adapter: site {site.name} adapts a {owner_param.dim()}-D "
+                                   "parameter, which graphlora does not write for PEFT")
+        for path in mts_paths:
+            if _is_inside(site.module, path) or _peft_excluded_by_modules_to_save(site.module, [path]):
+                raise AdapterError(
+                    f"cannot save a PEFT adapter: site {site.name} lies inside modules_to_save module {path}; PEFT "
+                    "never puts LoRA on (or inside) a modules_to_save module"
+                )
+    return dropout
+
+
+def _target_fields(lora_model: "GraphLoraModel", mts_paths: list[str]) -> tuple[Any, list[str] | None]:
+    """(target_modules, target_parameters) that make PEFT adapt exactly the sites."""
+    original = lora_model.base_model
+    module_names = [n for n, _ in original.named_modules() if n]
+    linear = sorted(s.name for s in lora_model.sites if s.kind == "linear")
+    params = sorted(s.name for s in lora_model.sites if s.kind != "linear")
+    target_modules: Any = linear
+    for name in linear:
+        hits = [n for n in module_names if n == name or n.endswith("." + name)]
+        if hits != [name]:
+            # A full path that is also the suffix of another module path (PEFT matches suffixes): an
+            # anchored regular expression (PEFT fullmatches a string) is exact.
+            target_modules = "(?:" + "|".join(re.escape(n) for n in linear) + ")"
+            break
+    param_names = [f"{m}.{p}" if m else p for m, mod in original.named_modules()
+                   for p, _ in mod.named_parameters(recurse=False)]
+    for name in params:
+        hits = [n for n in param_names if n == name or n.endswith("." + name)]
+        if hits != [name]:
+            raise AdapterError(
+                f"cannot save a PEFT adapter: target_parameters entry {name} would also match {_shorten(hits)} "
+                "(PEFT matches parameter names by suffix and has no regular expressions for them)"
+            )
+    for path in mts_paths:
+        module = original.get_submodule(path)
+        hits = [n for n, m in original.named_modules(remove_duplicate=False) if n.endswith(path) and m is not module]
+        if hits:
+            raise AdapterError(
+                f"cannot save a PEFT adapter: modules_to_save entry {path} would also select {_shorten(hits)} "
+                "(PEFT matches modules_to_save by name suffix)"
+            )
+    return target_modules, (params or None)
+
+
+def _patterns(sites: list[Site], default: Any, attr: str, all_names: list[str]) -> dict[str, Any]:
+    """``rank_pattern`` / ``alpha_pattern`` entries for sites whose value differs from the default.
+
+    Plain names are written when PEFT's pattern lookup then gives every site its own value (checked
+    here); otherwise anchored, escaped regular expressions."""
+    values = {s.name: getattr(s, attr) for s in sites}
+    differing = {n: v for n, v in values.items() if v != default}
+    if all(_peft_pattern_value(differing, n, default) == values[n] for n in all_names):
+        return differing
+    return {"^" + re.escape(n): v for n, v in differing.items()}
+
+
+def adapter_config(lora_model: "GraphLoraModel", task_type: str | None = "auto") -> dict[str, Any]:
+    """The ``adapter_config.json`` content :func:`save_adapter` writes (PEFT LoraConfig fields)."""
+    policy = lora_model.policy
+    original = lora_model.base_model
+    mts_paths = _modules_to_save_paths(original, policy.modules_to_save)
+    dropout = _check_peft_can_represent(lora_model, mts_paths)
+    target_modules, target_parameters = _target_fields(lora_model, mts_paths)
+    names = [s.name for s in lora_model.sites]
+    rank_pattern = _patterns(lora_model.sites, policy.r, "r", names)
+    alpha_pattern = {k: _number(v) for k, v in
+                     _patterns(lora_model.sites, float(policy.lora_alpha), "alpha", names).items()}
+    if task_type == "auto":
+        can_generate = getattr(original, "can_generate", None)
+        task_type = "CAUSAL_LM" if callable(can_generate) and can_generate() else None
+    config_obj = getattr(original, "config", None)
+    name_or_path = getattr(config_obj, "_name_or_path", None) or None
+    cls = type(original)
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": name_or_path,
+        "revision": None,
+        "auto_mapping": {"base_model_class": cls.__name__, "parent_library": cls.__module__},
+        "inference_mode": True,
+        "r": int(policy.r),
+        "lora_alpha": _number(policy.lora_alpha),
+        "lora_dropout": float(dropout),
+        "use_rslora": bool(policy.use_rslora),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": target_modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": mts_paths or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+    }
+    if target_parameters:
+        config["target_parameters"] = target_parameters
+    return config
+
+
+def _numeric_record(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in _NUMERIC_FIELDS:
+        value = config.get(key)
+        if isinstance(value, (list, tuple, set)):
+            value = sorted(value)
+        if key in ("rank_pattern", "alpha_pattern"):
+            value = {k: _number(v) for k, v in (value or {}).items()}
+        if key == "lora_alpha" and value is not None:
+            value = _number(value)
+        if key in ("target_parameters", "modules_to_save") and not value:
+            value = None
+        out[key] = value
+    return out
+
+
+def adapter_tensors(lora_model: "GraphLoraModel") -> dict[str, torch.Tensor]:
+    """The tensors of the adapter with PEFT's keys and layouts (copies, on CPU)."""
+    out: dict[str, torch.Tensor] = {}
+    for site in lora_model.sites:
+        module = lora_model.get_submodule(site.module)
+        a, b = module.lora_A.weight.detach(), module.lora_B.weight.detach()
+        if site.kind != "linear" and site.weight_layout == "in_out":
+            # PEFT's ParamWrapper adds B' A' to the parameter as stored ([in, out] here); graphlora's delta
+            # is (B A)^T, so B' = A^T and A' = B^T.
+            a, b = b.T, a.T
+        out[f"{PEFT_PREFIX}{site.module}.lora_A.weight"] = a.to("cpu").contiguous().clone()
+        out[f"{PEFT_PREFIX}{site.module}.lora_B.weight"] = b.to("cpu").contiguous().clone()
+    for path in _modules_to_save_paths(lora_model.base_model, lora_model.policy.modules_to_save):
+        for key, value in lora_model.get_submodule(path).state_dict().items():
+            out[f"{PEFT_PREFIX}{path}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def save_adapter(lora_model: "GraphLoraModel", directory: str | os.PathLike, overwrite: bool = False, *,
+                 task_type: str | None = "auto") -> Path:
+    """Write the adapter in PEFT's format, plus ``graphlora_policy.yaml``; return the directory.
+
+    ``task_type="auto"`` writes ``"CAUSAL_LM"`` for a model that can generate, else null. Existing adapter
+    files are replaced only with ``overwrite=True``; other files in the directory are left alone.
+    """
+    from graphlora.policy_files import dump_policy
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ours = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, POLICY_NAME)
+    existing = [n for n in ours + (PICKLED_WEIGHTS_NAME,) if (directory / n).exists()]
+    if existing and not overwrite:
+        raise AdapterExistsError(f"{directory} already holds {', '.join(existing)}; pass overwrite=True to replace "
+                                 "the adapter")
+    config = adapter_config(lora_model, task_type)
+    tensors = adapter_tensors(lora_model)
+    policy_text = dump_policy(lora_model.policy, "yaml")
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    from graphlora import __version__
+
+    metadata = {
+        "format": "pt",
+        META_VERSION: __version__,
+        META_CONFIG: json.dumps(_numeric_record(config), sort_keys=True),
+        META_POLICY_SHA: hashlib.sha256(policy_text.encode()).hexdigest(),
+    }
+    staged: dict[str, Path] = {}
+    try:
+        staged[ADAPTER_WEIGHTS_NAME] = _write_safetensors_temp(directory, ADAPTER_WEIGHTS_NAME, tensors, metadata)
+        staged[POLICY_NAME] = _write_text_temp(directory, POLICY_NAME, policy_text)
+        staged[ADAPTER_CONFIG_NAME] = _write_text_temp(directory, ADAPTER_CONFIG_NAME, config_text)
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    _commit(directory, staged)  # the config last: it is what marks the directory as an adapter
+    return directory
+
+
+# =====================================================================================================
+# load_adapter
+# =====================================================================================================
+#: LoraConfig fields that only describe the file or PEFT's wrapper, or only matter when PEFT creates
+#: new adapter weights: reading a trained adapter does not depend on them.
+_IGNORED_FIELDS = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "megatron_core", "qalora_group_size", "runtime_config", "eva_config",
+}
+#: Fields graphlora honours.
+_SUPPORTED_FIELDS = {"r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern",
+                     "target_modules", "target_parameters", "modules_to_save", "init_lora_weights"}
+#: Fields that must keep their neutral value: (neutral test, why graphlora refuses another value).
+_REFUSED_FIELDS: dict[str, tuple[Any, str]] = {
+    "use_dora": (lambda v: not v, "DoRA (a magnitude vector on top of LoRA) is not supported"),
+    "fan_in_fan_out": (lambda v: not v, "fan_in_fan_out=True (Conv1D-style [in, out] weights) is not supported"),
+    "bias": (lambda v: v in (None, "none"), "only bias='none' is supported (trained biases are not saved by graphlora)"),
+    "lora_bias": (lambda v: not v, "a bias on lora_B is not supported"),
+    "layers_to_transform": (lambda v: v is None or v == [], "layers_to_transform is not supported (graphlora "
+                            "selects layers with its policy)"),
+    "layers_pattern": (lambda v: not v, "layers_pattern is not supported"),
+    "exclude_modules": (lambda v: not v, "exclude_modules is not supported"),
+    "megatron_config": (lambda v: not v, "Megatron parallel layers are not supported"),
+    "loftq_config": (lambda v: not v, "LoftQ (quantised base weights) is not supported"),
+    "use_qalora": (lambda v: not v, "QA-LoRA is not supported"),
+    "trainable_token_indices": (lambda v: not v, "trainable tokens are not supported"),
+    "layer_replication": (lambda v: not v, "layer replication is not supported"),
+    "alora_invocation_tokens": (lambda v: not v, "activated LoRA (aLoRA) is not supported"),
+    "velora_config": (lambda v: not v, "VeLoRA is not supported"),
+    "monteclora_config": (lambda v: not v, "MonteCLoRA is not supported"),
+    "use_bdlora": (lambda v: not v, "block-diagonal LoRA is not supported"),
+    "arrow_config": (lambda v: not v, "Arrow routing is not supported"),
+    "kasa_config": (lambda v: not v, "KaSA is not supported"),
+    "ensure_weight_tying": (lambda v: not v, "ensure_weight_tying (adapters tied across tied weights) is not supported"),
+    "corda_config": (lambda v: not v, "CorDA is not supported"),
+    "lora_ga_config": (lambda v: not v, "LoRA-GA is not supported"),
+}
+#: init_lora_weights values that only shape the initial adapter (the base weights stay untouched).
+_INIT_OK = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def _is_neutral(value: Any) -> bool:
+    return value is None or value is False or value == "" or value == [] or value == {}
+
+
+def check_adapter_config(config: dict[str, Any], path: str = ADAPTER_CONFIG_NAME) -> None:
+    """Refuse, by field name, every PEFT config feature graphlora does not support."""
+    problems = []
+    peft_type = config.get("peft_type")
+    if peft_type not in (None, "LORA"):
+        raise AdapterError(f"{path}: peft_type {peft_type!r} is not LoRA; graphlora reads LoRA adapters only")
+    for key, value in config.items():
+        if key in _IGNORED_FIELDS or key in _SUPPORTED_FIELDS:
+            continue
+        if key in _REFUSED_FIELDS:
+            neutral, why = _REFUSED_FIELDS[key]
+            if not neutral(value):
+                problems.append(f"{key}={value!r}: {why}")
+        elif not _is_neutral(value):
+            problems.append(f"{key}={value!r}: a field this graphlora does not know")
+    init = config.get("init_lora_weights", True)
+    if init not in _INIT_OK and init != "mica":
+        problems.append(f"init_lora_weights={init!r}: this initialisation changes the base weights "
+                        "(PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA), so the adapter only works on a modified base model; "
+                        "save it from PEFT with path_initial_model_for_weight_conversion to get a plain LoRA")
+    if problems:
+        raise AdapterError(f"{path}: unsupported PEFT config: " + "; ".join(problems))
+    if init == "mica":
+        warnings.warn(f"{path}: init_lora_weights='mica' trains only lora_A in PEFT; graphlora loads the adapter "
+                      "with both lora_A and lora_B trainable", stacklevel=3)
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise AdapterError(f"{path}: {key} must be a positive number, not {value!r}")
+    if config.get("target_modules") is None and not config.get("target_parameters"):
+        raise AdapterError(f"{path}: neither target_modules nor target_parameters is set")
+    if isinstance(config.get("target_parameters"), str):
+        raise AdapterError(f"{path}: target_parameters must be a list of parameter names")
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    path = directory / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such file (not an adapter directory)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: cannot be read: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def read_adapter_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of ``adapter_model.safetensors``; a truncated or corrupt file is an error naming it."""
+    from safetensors import safe_open
+
+    path = directory / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        if (directory / PICKLED_WEIGHTS_NAME).exists():
+            raise AdapterError(f"{directory / PICKLED_WEIGHTS_NAME}: pickled adapter weights are not read (graphlora "
+                               "never unpickles); re-save the adapter with safetensors")
+        raise AdapterError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors raises SafetensorError / OSError with a terse message
+        size = path.stat().st_size
+        raise AdapterError(f"{path}: not a readable safetensors file ({size} bytes; truncated or corrupt?): "
+                           f"{type(e).__name__}: {e}") from None
+    return tensors, metadata
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One LoRA site of an adapter file."""
+
+    name: str  # graphlora site name: module path, or parameter path for target_parameters
+    owner: str  # module whose path prefixes the lora_A / lora_B keys
+    kind: str  # "linear" (target_modules) or "param" (target_parameters)
+    r: int
+    alpha: float
+    key_a: str
+    key_b: str
+
+
+@dataclasses.dataclass
+class _Plan:
+    entries: list[_Entry]
+    modules_to_save: dict[str, list[str]]  # module path -> its tensor keys
+    lora_dtype: str
+
+
+def _plan(model: torch.nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> _Plan:
+    """Which sites and tensors the adapter holds, checked against its config and the model."""
+    target_modules = config.get("target_modules")
+    target_parameters = list(config.get("target_parameters") or [])
+    mts_names = list(config.get("modules_to_save") or [])
+    rank_pattern = dict(config.get("rank_pattern") or {})
+    alpha_pattern = dict(config.get("alpha_pattern") or {})
+    modules = dict(model.named_modules())
+    linear_names = _linear_module_names(model)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None:
+        linear_names -= {n for n, m in modules.items() if m is out_emb}
+
+    # modules_to_save (PEFT matching), their expected tensor keys
+    mts: dict[str, list[str]] = {}
+    for name in mts_names:
+        hits = _peft_modules_to_save_hits(model, name)
+        for hit in hits:
+            if any(_is_inside(hit, other) and hit != other for other in hits + list(mts)):
+                raise AdapterError(f"{path}: modules_to_save entry {name!r} selects nested modules ({hit} inside "
+                                   "another); graphlora cannot load that")
+            mts[hit] = [f"{PEFT_PREFIX}{hit}.{k}" for k in modules[hit].state_dict()]
+
+    # the modules PEFT would adapt, by its rules
+    expected: dict[str, _Entry] = {}
+
+    def add(name: str, owner: str, kind: str):
+        if owner in expected:
+            raise AdapterError(f"{path}: {expected[owner].name} and {name} both put LoRA on module {owner}; graphlora "
+                               "holds one adapter per module")
+        r = _peft_pattern_value(rank_pattern, name, config["r"])
+        alpha = _peft_pattern_value(alpha_pattern, name, config["lora_alpha"])
+        key = f"{PEFT_PREFIX}{owner}"
+        expected[owner] = _Entry(name, owner, kind, int(r), float(alpha), f"{key}.lora_A.weight", f"{key}.lora_B.weight")
+
+    for name, module in modules.items():
+        if not name or not _peft_targets_module(target_modules, name, linear_names):
+            continue
+        if _peft_excluded_by_modules_to_save(name, mts_names):
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            raise AdapterError(f"{path}: target_modules selects {name}, a {type(module).__name__}; graphlora can put "
+                               "LoRA only on nn.Linear modules and raw parameter matmuls")
+        add(name, name, "linear")
+    for owner, module in modules.items():
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{owner}.{pname}" if owner else pname
+            if _peft_list_match(full, target_parameters):
+                add(full, owner, "param")
+
+    # the file's keys against the expectation
+    lora_keys: dict[str, dict[str, str]] = collections.defaultdict(dict)
+    other: list[str] = []
+    for key in tensors:
+        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight", key)
+        if m:
+            lora_keys[m[1]][m[2]] = key
+        else:
+            other.append(key)
+    missing = [k for e in expected.values() for k in (e.key_a, e.key_b) if k not in tensors]
+    missing += [k for keys in mts.values() for k in keys if k not in tensors]
+    mts_keys = {k for keys in mts.values() for k in keys}
+    unexpected = sorted([k for owner, parts in lora_keys.items() if owner not in expected for k in parts.values()]
+                        + [k for k in other if k not in mts_keys])
+    if missing:
+        raise AdapterError(f"{path}: missing keys (the config's targets have no tensors): {_shorten(sorted(missing))}")
+    if unexpected:
+        raise AdapterError(f"{path}: unexpected keys (not selected by {ADAPTER_CONFIG_NAME}'s target_modules, "
+                           f"target_parameters or modules_to_save): {_shorten(unexpected)}")
+    if not expected:
+        raise AdapterError(f"{path}: the adapter's targets select no module of this model")
+
+    dtypes = set()
+    for e in expected.values():
+        a, b = tensors[e.key_a], tensors[e.key_b]
+        if a.dim() != 2 or b.dim() != 2:
+            raise AdapterError(f"{path}: {e.key_a} {list(a.shape)} and {e.key_b} {list(b.shape)} must be matrices")
+        if a.shape[0] != e.r or b.shape[1] != e.r:
+            raise AdapterError(
+                f"{path}: rank mismatch for {e.name}: {ADAPTER_CONFIG_NAME} says r={e.r}, but {e.key_a} has shape "
+                f"{list(a.shape)} (rank {a.shape[0]}) and {e.key_b} has shape {list(b.shape)} (rank {b.shape[1]})"
+            )
+        dtypes.add(a.dtype)
+        dtypes.add(b.dtype)
+    names = {v: k for k, v in LORA_DTYPES.items()}
+    lora_dtype = names.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+    return _Plan(list(expected.values()), mts, lora_dtype or "float32")
+
+
+def _policy_for(plan: _Plan, config: dict[str, Any]) -> "Policy":
+    """A policy whose flags select nothing and whose rules select exactly the adapter's sites."""
+    from graphlora.policy import Policy, Rule, RuleMatch
+
+    groups: dict[tuple[int, float], list[str]] = collections.defaultdict(list)
+    for e in plan.entries:
+        groups[(e.r, e.alpha)].append(e.name)
+    rules = [
+        Rule(match=RuleMatch(name="(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"),
+             target=True, r=r, alpha=alpha, allow_unmatched=True)
+        for (r, alpha), names in sorted(groups.items())
+    ]
+    return Policy(
+        r=int(config["r"]), lora_alpha=float(config["lora_alpha"]), lora_dropout=float(config.get("lora_dropout") or 0.0),
+        use_rslora=bool(config.get("use_rslora", False)),
+        finetune_vision_layers=False, finetune_language_layers=False, finetune_attention_modules=False,
+        finetune_mlp_modules=False, finetune_projector=False, finetune_cross_attention=False,
+        modules_to_save=sorted(plan.modules_to_save) or None, lora_dtype=plan.lora_dtype, rules=rules,
+    )
+
+
+def _disagreements(lora_model: "GraphLoraModel", plan: _Plan, config: dict[str, Any]) -> list[str]:
+    """How a model rewritten with the saved policy differs from the adapter (empty: consistent)."""
+    out = []
+    sites = {s.name: s for s in lora_model.sites}
+    wanted = {e.name: e for e in plan.entries}
+    for name in sorted(set(wanted) - set(sites)):
+        out.append(f"{name} is in the adapter but not adapted")
+    for name in sorted(set(sites) - set(wanted)):
+        out.append(f"{name} is adapted but not in the adapter")
+    for name in sorted(set(sites) & set(wanted)):
+        s, e = sites[name], wanted[name]
+        if (s.r, float(s.alpha)) != (e.r, e.alpha):
+            out.append(f"{name}: r={s.r}, alpha={s.alpha} vs the adapter's r={e.r}, alpha={e.alpha}")
+    policy = lora_model.policy
+    if bool(policy.use_rslora) != bool(config.get("use_rslora", False)):
+        out.append("use_rslora differs")
+    if {s.dropout for s in lora_model.sites} - {float(config.get("lora_dropout") or 0.0)}:
+        out.append("lora_dropout differs")
+    if _modules_to_save_paths(lora_model.base_model, policy.modules_to_save) != sorted(plan.modules_to_save):
+        out.append("modules_to_save differs")
+    return out
+
+
+def _saved_policy(directory: Path, metadata: dict[str, str]) -> "Policy | None":
+    path = directory / POLICY_NAME
+    if not path.is_file():
+        return None
+    from graphlora.policy_files import parse_policy_text
+
+    text = path.read_text(encoding="utf-8")
+    sha = metadata.get(META_POLICY_SHA)
+    if sha is not None and sha != hashlib.sha256(text.encode()).hexdigest():
+        warnings.warn(f"{path} was not saved together with {ADAPTER_WEIGHTS_NAME} (edited, or an interrupted save); "
+                      "it is ignored and the policy is rebuilt from the adapter", stacklevel=3)
+        return None
+    try:
+        return parse_policy_text(text, "yaml", name=path).policy
+    except GraphLoraError as e:
+        warnings.warn(f"{path} cannot be read ({e}); the policy is rebuilt from the adapter", stacklevel=3)
+        return None
+
+
+def _check_metadata(config: dict[str, Any], metadata: dict[str, str], directory: Path) -> None:
+    recorded = metadata.get(META_CONFIG)
+    if recorded is None:
+        return
+    try:
+        recorded_fields = json.loads(recorded)
+    except json.JSONDecodeError:
+        raise AdapterError(f"{directory / ADAPTER_WEIGHTS_NAME}: metadata {META_CONFIG} is not JSON") from None
+    now = _numeric_record(config)
+    differ = [k for k in _NUMERIC_FIELDS if recorded_fields.get(k) != now.get(k)]
+    if differ:
+        raise AdapterError(
+            f"{directory / ADAPTER_CONFIG_NAME} does not belong with {directory / ADAPTER_WEIGHTS_NAME}: they were not "
+            f"saved together (an interrupted save, or an edit): {', '.join(differ)} differ"
+        )
+
+
+def _copy_in(lora_model: "GraphLoraModel", plan: _Plan, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    sites = {s.name: s for s in lora_model.sites}
+    with torch.no_grad():
+        for e in plan.entries:
+            site = sites.get(e.name)
+            if site is None:
+                continue  # dropped (unreachable, zero B); warned about
+            module = lora_model.get_submodule(site.module)
+            target_a, target_b = module.lora_A.weight, module.lora_B.weight
+            transposed = site.kind != "linear" and site.weight_layout == "in_out"
+            # The shapes the file must hold (PEFT's layout) for this site.
+            want = {e.key_a: tuple(target_b.T.shape if transposed else target_a.shape),
+                    e.key_b: tuple(target_a.T.shape if transposed else target_b.shape)}
+            for key, shape in want.items():
+                if tuple(tensors[key].shape) != shape:
+                    raise AdapterError(f"{path}: {key} has shape {list(tensors[key].shape)}, but {site.name} of this "
+                                       f"model needs {list(shape)}")
+            a, b = tensors[e.key_a], tensors[e.key_b]
+            if transposed:
+                a, b = b.T, a.T
+            target_a.copy_(a)
+            target_b.copy_(b)
+        for mpath, keys in plan.modules_to_save.items():
+            state = lora_model.get_submodule(mpath).state_dict(keep_vars=True)
+            for key in keys:
+                local = key[len(PEFT_PREFIX) + len(mpath) + 1:]
+                target = state[local]
+                if tuple(tensors[key].shape) != tuple(target.shape):
+                    raise AdapterError(f"{path}: {key} has shape {list(tensors[key].shape)}, but the model's "
+                                       f"{mpath}.{local} is {list(target.shape)}")
+                target.data.copy_(tensors[key])
+
+
+def _check_sites(lora_model: "GraphLoraModel", plan: _Plan, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every adapter module must be a site of the rewritten model, of the right kind."""
+    sites = {s.name: s for s in lora_model.sites}
+    skipped = {s.name: s for s in lora_model.skipped_sites}
+    dropped = []
+    for e in plan.entries:
+        site = sites.get(e.name)
+        if site is None:
+            if e.name in skipped:
+                reason = skipped[e.name].reason
+                if "never reaches" in reason and not tensors[e.key_b].any():
+                    dropped.append(e.name)  # no effect on any output, and B = 0: dropping it is exact
+                    continue
+                raise AdapterError(f"{path}: the adapter has LoRA for {e.name}, which graphlora cannot adapt: {reason}")
+            raise AdapterError(f"{path}: the adapter has LoRA for {e.name}, which the traced graph does not use as a "
+                               "matmul weight (not called for these example inputs, or not a linear/matmul)")
+        if (site.kind == "linear") != (e.kind == "linear"):
+            raise AdapterError(f"{path}: {e.name} is a {site.kind} site in graphlora but a "
+                               f"{'target_modules' if e.kind == 'linear' else 'target_parameters'} entry in the adapter")
+        if (site.r, float(site.alpha)) != (e.r, e.alpha):  # pragma: no cover - the policy sets them
+            raise AdapterError(f"{path}: {e.name} got r={site.r}, alpha={site.alpha}; the adapter says r={e.r}, alpha={e.alpha}")
+    extra = sorted(set(sites) - {e.name for e in plan.entries})
+    if extra:  # pragma: no cover - the policy selects by exact name
+        raise AdapterError(f"{path}: the rewrite adapted {_shorten(extra)}, which the adapter does not hold")
+    if dropped:
+        warnings.warn(f"{path}: LoRA for {_shorten(dropped)} is left out: those modules never reach the model's "
+                      "outputs and their lora_B is zero, so the outputs are unchanged", stacklevel=3)
+
+
+def load_adapter(model: torch.nn.Module, directory: str | os.PathLike, example_inputs: dict[str, Any] | None = None,
+                 **rewrite_kwargs: Any) -> "GraphLoraModel":
+    """Rewrite ``model`` with the LoRA adapter saved in ``directory`` (by graphlora or by PEFT) and load it.
+
+    The sites are exactly the adapter's modules with their ranks and alphas; ``graphlora_policy.yaml`` is
+    used when present and consistent with the adapter (else a policy is built from ``adapter_config.json``).
+    ``example_inputs`` and ``rewrite_kwargs`` go to :func:`graphlora.rewrite`. Errors name the file and keys.
+    """
+    from graphlora.model import GraphLoraModel
+    from graphlora.rewrite import rewrite
+
+    if isinstance(model, GraphLoraModel):
+        raise AdapterError("load_adapter() takes the original model, not a GraphLoraModel (use lora_model.base_model)")
+    if "policy" in rewrite_kwargs:
+        raise TypeError("load_adapter() builds the policy from the adapter; do not pass policy=")
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    check_adapter_config(config, str(directory / ADAPTER_CONFIG_NAME))
+    tensors, metadata = read_adapter_tensors(directory)
+    _check_metadata(config, metadata, directory)
+    weights_path = directory / ADAPTER_WEIGHTS_NAME
+    plan = _plan(model, config, tensors, weights_path)
+
+    lora_model = None
+    saved = _saved_policy(directory, metadata)
+    if saved is not None:
+        try:
+            candidate = rewrite(model, saved, example_inputs, **rewrite_kwargs)
+        except GraphLoraError as e:
+            warnings.warn(f"{directory / POLICY_NAME} does not apply to this model ({e}); the policy is rebuilt from "
+                          "the adapter", stacklevel=2)
+        else:
+            problems = _disagreements(candidate, plan, config)
+            if problems:
+                warnings.warn(f"{directory / POLICY_NAME} does not select the adapter's sites ({_shorten(problems, 3)}); "
+                              "the policy is rebuilt from the adapter", stacklevel=2)
+            else:
+                lora_model = candidate
+    if lora_model is None:
+        lora_model = rewrite(model, _policy_for(plan, config), example_inputs, **rewrite_kwargs)
+    _check_sites(lora_model, plan, tensors, weights_path)
+    _copy_in(lora_model, plan, tensors, weights_path)
+    return lora_model
+
+
+# =====================================================================================================
+# merge / unmerge
+# =====================================================================================================
+@dataclasses.dataclass
+class MergeState:
+    """Copies of the base weights taken by :func:`merge` (restored bit-exactly by :func:`unmerge`)."""
+
+    originals: dict[str, torch.Tensor]
+    adapters_enabled: bool
+
+
+def _merge_state(lora_model: "GraphLoraModel") -> MergeState | None:
+    return lora_model.__dict__.get("_merge_state")
+
+
+def is_merged(lora_model: "GraphLoraModel") -> bool:
+    return _merge_state(lora_model) is not None
+
+
+def _merged_weight(lora_model: "GraphLoraModel", site: Site, base: torch.Tensor) -> torch.Tensor:
+    """``W + s B A`` (transposed for a ``[in, out]`` parameter), computed in fp32, in W's dtype; a new tensor."""
+    delta = lora_delta(lora_model.get_submodule(site.module), site.scale)
+    if site.weight_layout == "in_out":
+        delta = delta.T
+    return (base.detach().float() + delta.to(base.device)).to(base.dtype)
+
+
+def _tied_names(root: torch.nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = collections.defaultdict(list)
+    for name, p in root.named_parameters(remove_duplicate=False):
+        names[id(p)].append(name)
+    return names
+
+
+def merge(lora_model: "GraphLoraModel") -> None:
+    """Fold ``s * B A`` into the adapted base weights, in place (see GraphLoraModel.merge)."""
+    if is_merged(lora_model):
+        warnings.warn("merge(): the adapter is already merged; nothing to do", stacklevel=3)
+        return
+    if not lora_model._adapters_enabled:
+        raise AdapterError("merge() inside disable_adapter(): leave the block first")
+    tied = _tied_names(lora_model)
+    todo = []
+    for site in lora_model.sites:
+        name = _weight_name(site)
+        weight = lora_model.get_parameter(name)
+        if len(tied[id(weight)]) > 1:
+            raise AdapterError(f"merge(): site {site.name} adapts {name}, which is shared with "
+                               f"{', '.join(n for n in tied[id(weight)] if n != name)} (tied weights): merging would "
+                               "change those too. Use save_merged(), which unties them in the checkpoint")
+        todo.append((name, weight, site))
+    originals: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        try:
+            for name, weight, site in todo:
+                merged = _merged_weight(lora_model, site, weight)
+                originals[name] = weight.detach().clone()
+                weight.copy_(merged)
+        except BaseException:
+            for name, original in originals.items():
+                lora_model.get_parameter(name).copy_(original)
+            raise
+    lora_model.__dict__["_merge_state"] = MergeState(originals, lora_model._adapters_enabled)
+    lora_model._adapters_enabled = False  # run the programs traced without the LoRA branch
+
+
+def unmerge(lora_model: "GraphLoraModel") -> None:
+    """Restore the base weights saved by :func:`merge`, bit-exactly."""
+    state = _merge_state(lora_model)
+    if state is None:
+        warnings.warn("unmerge(): the adapter is not merged; nothing to do", stacklevel=3)
+        return
+    with torch.no_grad():
+        for name, original in state.originals.items():
+            weight = lora_model.get_parameter(name)
+            if weight.shape != original.shape:
+                raise AdapterError(f"unmerge(): {name} changed shape since merge() ({list(original.shape)} -> "
+                                   f"{list(weight.shape)})")
+            # After .to(dtype/device) the saved copy is converted the same way the weight was.
+            weight.copy_(original.to(device=weight.device, dtype=weight.dtype))
+    del lora_model.__dict__["_merge_state"]
+    lora_model._adapters_enabled = state.adapters_enabled
+
+
+# =====================================================================================================
+# save_merged
+# =====================================================================================================
+def merged_state_dict(lora_model: "GraphLoraModel") -> dict[str, torch.Tensor]:
+    """The original model's state dict with ``W + s B A`` for every site and the ``modules_to_save`` copies
+    in place of the originals; merged tensors are new (the live model is not touched)."""
+    original = lora_model.base_model
+    state = original.state_dict()
+    for path in _modules_to_save_paths(original, lora_model.policy.modules_to_save):
+        for key, value in lora_model.get_submodule(path).state_dict().items():
+            full = f"{path}.{key}"
+            if full in state:
+                state[full] = value
+    saved = _merge_state(lora_model)
+    for site in lora_model.sites:
+        name = _weight_name(site)
+        live = lora_model.get_parameter(name)
+        base = saved.originals[name].to(device=live.device, dtype=live.dtype) if saved else live
+        state[name] = _merged_weight(lora_model, site, base)
+    return state
+
+
+def _untie_if_needed(lora_model: "GraphLoraModel", state: dict[str, torch.Tensor], config) -> None:
+    """Tied weights that no longer agree in ``state`` (one of them merged, or replaced by a modules_to_save
+    copy) are written separately, and ``tie_word_embeddings`` is turned off in the checkpoint's config."""
+    original = lora_model.base_model
+    diverged = []
+    for names in _tied_names(original).values():
+        names = [n for n in names if n in state]
+        if len(names) > 1 and len({state[n].data_ptr() for n in names}) > 1:
+            diverged.append(names)
+    if not diverged:
+        return
+    out_emb = original.get_output_embeddings() if hasattr(original, "get_output_embeddings") else None
+    head = {f"{n}.weight" for n, m in original.named_modules() if out_emb is not None and m is out_emb}
+    configs = [config] + [c for c in (getattr(config, "text_config", None),) if c is not None]
+    tie_flags = [c for c in configs if getattr(c, "tie_word_embeddings", False)]
+    for names in diverged:
+        if not (head & set(names)) or not tie_flags:
+            raise AdapterError(f"save_merged(): the tied weights {', '.join(names)} differ after merging, and "
+                               "graphlora only knows how to untie input and output embeddings (tie_word_embeddings)")
+        for n in names:
+            state[n] = state[n].clone()  # no storage shared any more: every name is written
+    for c in tie_flags:
+        c.tie_word_embeddings = False
+
+
+def save_merged(lora_model: "GraphLoraModel", directory: str | os.PathLike, overwrite: bool = False, *,
+                max_shard_size: int | str = "50GB") -> Path:
+    """Write a plain transformers checkpoint of the merged model (see GraphLoraModel.save_merged)."""
+    original = lora_model.base_model
+    if not hasattr(original, "save_pretrained") or not hasattr(original, "config"):
+        raise AdapterError(f"save_merged() needs a transformers PreTrainedModel, not {type(original).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = sorted(n for n in os.listdir(directory) if n in _MERGED_FILES or _SHARD_RE.fullmatch(n))
+    if existing and not overwrite:
+        raise AdapterExistsError(f"{directory} already holds a checkpoint ({', '.join(existing)}); pass overwrite=True")
+    state = merged_state_dict(lora_model)
+    config = copy.deepcopy(original.config)
+    _untie_if_needed(lora_model, state, config)
+    tmp = Path(tempfile.mkdtemp(prefix=".graphlora-merged-", dir=directory))
+    live_config = original.__dict__.get("config")
+    live_generation = original.__dict__.get("generation_config")
+    try:
+        # save_pretrained writes (and stamps dtype/architectures on) the model's config: hand it a copy.
+        original.__dict__["config"] = config
+        if live_generation is not None:
+            original.__dict__["generation_config"] = copy.deepcopy(live_generation)
+        try:
+            original.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+        finally:
+            original.__dict__["config"] = live_config
+            if live_generation is not None:
+                original.__dict__["generation_config"] = live_generation
+        written = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        stale = [n for n in existing if n not in written and (n.endswith(".safetensors") or n.endswith(".index.json"))]
+        _commit(directory, {n: tmp / n for n in written}, remove=stale)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+__all__ = [
+    "AdapterError",
+    "AdapterExistsError",
+    "adapter_config",
+    "check_adapter_config",
+    "is_merged",
+    "load_adapter",
+    "merge",
+    "merged_state_dict",
+    "save_adapter",
+    "save_merged",
+    "unmerge",
+]
