@@ -42,9 +42,20 @@ def tolerance_for(outputs: Any) -> float:
     return 1e-4 if dtypes <= {torch.float32, torch.float64} else 3e-2
 
 
+def keyed_leaves(tree: Any) -> dict[str, Any]:
+    """Leaves by key path: ModelOutputs flatten in field-assignment order, which can differ between
+    an eager run and a traced one holding the same fields."""
+    return {pytree.keystr(path): leaf for path, leaf in pytree.tree_flatten_with_path(tree)[0]}
+
+
 def relative_error(got: Any, want: Any) -> float:
     worst = 0.0
-    for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
+    got_leaves, want_leaves = keyed_leaves(got), keyed_leaves(want)
+    if {k for k, v in got_leaves.items() if isinstance(v, torch.Tensor)} != \
+            {k for k, v in want_leaves.items() if isinstance(v, torch.Tensor)}:
+        return float("inf")  # different outputs
+    for key, b in want_leaves.items():
+        a = got_leaves[key]
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or not b.is_floating_point():
             continue
         if a.shape != b.shape:
@@ -56,11 +67,12 @@ def relative_error(got: Any, want: Any) -> float:
 
 
 def scalar_loss(outputs: Any, generator_seed: int = 0) -> torch.Tensor:
-    """A fixed random weighting of every floating output that requires grad (same for both runs)."""
-    generator = torch.Generator().manual_seed(generator_seed)
+    """A fixed random weighting of every floating output that requires grad (same for both runs:
+    leaves are visited in key order, each drawing from a generator seeded by its key)."""
     total = None
-    for leaf in pytree.tree_leaves(outputs):
+    for key, leaf in sorted(keyed_leaves(outputs).items()):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad:
+            generator = torch.Generator().manual_seed(generator_seed + sum(map(ord, key)))
             weight = torch.randn(leaf.shape, generator=generator).to(leaf.device, leaf.dtype)
             term = (leaf * weight).sum().float()
             total = term if total is None else total + term
@@ -112,5 +124,5 @@ def compare(unit: str, traced: Callable[[], Any], eager: Callable[[], Any], para
         if g_t is None or g_e is None:
             grad_err = float("inf")
             break
-        grad_err = max(grad_err, relative_error(g_t, g_e))
+        grad_err = max(grad_err, relative_error([g_t], [g_e]))
     return Verification(unit, out_err <= tol and grad_err <= tol, out_err, grad_err, tol)
