@@ -255,6 +255,11 @@ class GraphLoraModel(torch.nn.Module):
         return {**state, "_observer": None}
 
     @property
+    def _on_meta(self) -> bool:
+        first = next(self.parameters(), None)
+        return first is not None and first.device.type == "meta"
+
+    @property
     def _adapters_enabled(self) -> bool:
         return self._switch.enabled
 
@@ -290,6 +295,10 @@ class GraphLoraModel(torch.nn.Module):
         """The cached program for this call (tracing one if none accepts it) and its flat inputs."""
         if self._prologue is not None:
             call = self._prologue(self._eager, call)
+        if self._on_meta:
+            # A meta model (a large config inspected without weights) takes CPU inputs, whose values
+            # the prologue may need (image grids); the trace itself runs on meta tensors.
+            call = pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, call)
         tensors, constants = split_call(call)
         constants.pop("use_cache", None)
         variant = "lora" if self._adapters_enabled else "base"

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import enum
 import io
+import itertools
 import linecache
 import logging
 import os
@@ -451,19 +452,29 @@ class Program:
     # -- parameters ---------------------------------------------------------------------------
     def param_placeholder(self, fqn: str) -> torch.fx.Node | None:
         """The placeholder fed with parameter ``fqn``, if any."""
-        placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
-        for slot, node in zip(self.slots, placeholders):
-            if slot.kind == "param" and slot.target == fqn:
+        for name, (kind, target) in self.graph_module.meta.get("graphlora.placeholders", {}).items():
+            if kind == "param" and target == fqn:
+                return self._placeholder_named(name)
+        return None
+
+    def _placeholder_named(self, name: str) -> torch.fx.Node | None:
+        for node in self.graph_module.graph.nodes:
+            if node.op != "placeholder":
+                break
+            if node.name == name:
                 return node
         return None
 
-    def add_param_placeholder(self, fqn: str, example: torch.Tensor) -> torch.fx.Node:
-        """Add a placeholder fed with live parameter ``fqn`` (before the first user input)."""
+    def add_param_placeholder(self, fqn: str, example: torch.Tensor, fake_mode=None) -> torch.fx.Node:
+        """Add a placeholder fed with live parameter ``fqn`` (before the first user input).
+
+        Pass the graph's ``fake_mode`` when adding many (finding it scans every placeholder).
+        """
         graph = self.graph_module.graph
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        placeholders = list(itertools.takewhile(lambda n: n.op == "placeholder", graph.nodes))
         index = next((i for i, s in enumerate(self.slots) if s.kind == "user"), len(self.slots))
         anchor = placeholders[index] if index < len(placeholders) else None
-        fake_mode = fake_mode_of(graph)
+        fake_mode = fake_mode or fake_mode_of(graph)
         name = "p_" + fqn.replace(".", "_")
         ctx = graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(placeholders[-1])
         with ctx:
@@ -477,7 +488,7 @@ class Program:
         else:
             node.meta["val"] = example.detach()
         self.slots.insert(index, InputSlot("param", fqn))
-        self._record_placeholders()
+        self.graph_module.meta["graphlora.placeholders"][node.name] = ("param", fqn)
         return node
 
     def user_placeholders(self) -> list[torch.fx.Node]:

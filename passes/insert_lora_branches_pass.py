@@ -54,15 +54,19 @@ class InsertLoraBranchesPass(PassBase):
         self.live = live
         self.training = training
 
-    def _param_node(self, fqn: str) -> torch.fx.Node:
-        node = self.program.param_placeholder(fqn)
+    def _param_node(self, fqn: str, fake_mode) -> torch.fx.Node:
+        node = self._params.get(fqn)
         if node is None:
-            node = self.program.add_param_placeholder(fqn, self.live.get_parameter(fqn))
+            node = self.program.add_param_placeholder(fqn, self.live.get_parameter(fqn), fake_mode)
+            self._params[fqn] = node
         return node
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         fake_mode = fake_mode_of(graph)
+        placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+        self._params = {target: placeholders[name] for name, (kind, target)
+                        in graph_module.meta.get("graphlora.placeholders", {}).items() if kind == "param"}
         targets = [(n, lab) for n, lab in labelled_nodes(graph) if (d := get_decision(n)) is not None and d.targeted]
         for node, labels in targets:
             site = labels.module
@@ -74,7 +78,7 @@ class InsertLoraBranchesPass(PassBase):
                     f"this trace selects {site}, which got no LoRA parameters when the model was rewritten; "
                     "rewrite the model with example inputs that exercise it"
                 )
-            a_node, b_node = self._param_node(spec.a_fqn), self._param_node(spec.b_fqn)
+            a_node, b_node = self._param_node(spec.a_fqn, fake_mode), self._param_node(spec.b_fqn, fake_mode)
             x = node.args[0]
             y_dtype = node.meta["val"].dtype
             lora_dtype = a_node.meta["val"].dtype
