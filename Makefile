@@ -14,7 +14,7 @@ ifeq ($(CI),true)
   SLOW_FLAG := --runslow
 endif
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,16 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m graphlora demo
 
-test: $(STAMP)
+# Debian's chromium for the headless-browser test of `graphlora dump` (tests/test_dump.py). Installed
+# only when missing; if it cannot be installed (no root/sudo, no apt-get) those tests skip with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium || \
+	  { $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium; } || \
+	  echo "warning: could not install chromium; the headless-browser tests will skip"; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -rs --timeout=1200 $(SLOW_FLAG) $(PYTEST_ARGS)
 
 clean:
