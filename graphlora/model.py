@@ -641,6 +641,15 @@ class GraphLoraModel(torch.nn.Module):
 
         for name in self._eager._modules:
             visit(name)
+        if strict:
+            # Localised: the smallest parts whose trace differs from eager (none of their parts does).
+            failed = [r for r in self.regions if r.path and r.verification is not None and not r.verification.passed]
+            bad = [r for r in failed if not any(o.path.startswith(r.path + ".") for o in failed)]
+            if bad:
+                raise TraceMismatchError("the traced program differs from eager in: " + "; ".join(
+                    r.verification.describe() for r in bad))
+            if reason.startswith("the whole model"):  # it differed, and no adapted part explains why
+                raise TraceMismatchError(reason)
         # Sites outside graph regions run as module-level LoRA (forward hooks) on the eager glue.
         graph_regions = [r.path for r in self.regions if r.mode == "graph" and r.path]
         self._report_glue_parameter_matmuls(graph_regions)
@@ -696,8 +705,6 @@ class GraphLoraModel(torch.nn.Module):
             check = compare(path, traced, eager, params)
         self.verification.append(check)
         if not check.passed:
-            if strict:
-                raise TraceMismatchError(check.describe())
             self._region_caches.pop(path, None)
             return RegionInfo(path, "eager", "trace differs from eager", check)
         return RegionInfo(path, "graph", "traced", check)
