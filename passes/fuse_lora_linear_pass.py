@@ -95,7 +95,10 @@ class FuseLoraLinearPass(PassBase):
             groups[(steps["base"].args[0], p if train else 0.0)].append((site, steps))
 
         fake_mode = fake_mode_of(graph)
-        for (x, p), members in groups.items():
+        for (_, p), members in groups.items():
+            # x is read now, not when grouping: when one site feeds another (Mistral 3's patch merger into
+            # the projector), fusing the first replaces the node the second reads.
+            x = members[0][1]["base"].args[0]
             if self.horizontal and len(members) >= 2:
                 self._fuse_group(graph, x, p, members, fake_mode)
                 for site, _ in members:
