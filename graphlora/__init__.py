@@ -20,6 +20,7 @@ from graphlora.model import GraphLoraModel
 from graphlora.policy import Policy, Rule, RuleMatch, load_policy
 from graphlora.rewrite import rewrite
 from graphlora.adapters import load_adapter
+from graphlora.explain import explain
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "Site",
     "SkippedSite",
     "UnsupportedModelError",
+    "explain",
     "load_adapter",
     "load_policy",
     "rewrite",

@@ -6,16 +6,21 @@ from typing import Any
 
 import torch
 
-from graphlora.report import ExplainRow, explain_program
+from graphlora.report import ExplainRow
 
 
 def explain(model: torch.nn.Module, policy: Any = None, example_inputs: dict[str, Any] | None = None) -> list[ExplainRow]:
     """Rows with ``name, component, role, layer, targeted, r, alpha, reason`` for every linear.
 
-    The model is rewritten on the side (its parameters are frozen as by :func:`graphlora.rewrite`);
-    the returned rows are the decisions of that rewrite.
+    The model is rewritten on the side and the returned rows are the decisions of that rewrite; the
+    model's parameters keep their ``requires_grad`` flags.
     """
     from graphlora.rewrite import rewrite
 
-    lora_model = rewrite(model, policy, example_inputs)
-    return explain_program(lora_model.programs()[0])
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        lora_model = rewrite(model, policy, example_inputs)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return lora_model.explain_rows()

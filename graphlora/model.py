@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 import torch.utils._pytree as pytree
 
-from graphlora import families
+from graphlora import families, structure
 from graphlora.errors import ExportFailedError, GraphLoraError, TraceMismatchError
 from graphlora.labels import Component, SiteDecision, get_decision, labelled_nodes
 from graphlora.lora import LORA_DTYPES, AdapterSwitch, EagerLoraHook, Site, SkippedSite, attach_lora, eager_lora_hooks
@@ -42,8 +42,10 @@ from graphlora.passes.mark_unreachable_sites_pass import MarkUnreachableSitesPas
 from graphlora.passes.select_lora_sites_pass import SelectLoraSitesPass, decide_site, decide_sites
 from graphlora.passes.strip_tensor_metadata_asserts_pass import StripTensorMetadataAssertsPass
 from graphlora.policy import Policy
+from graphlora.name_rules import block_path
 from graphlora.regions import (
     RegionRunner,
+    module_stack_of,
     call_as_kwargs,
     capture_calls,
     name_label_for_param,
@@ -210,6 +212,7 @@ class GraphLoraModel(torch.nn.Module):
         self._site_decisions: dict = {}  # regional: site -> SiteDecision
         self._towers: dict[str, int] = {}
         self._adopting = True  # new sites may be created (during rewrite only)
+        self._glue_hooks: list[tuple[str, int]] = []  # (module path, hook id) of glue LoRA hooks
         self._text_len: int | None = None
         #: Replace LoRA branches by the fused graphlora::lora_linear op (fuse_lora_linear pass).
         self.fuse = fuse
@@ -280,7 +283,7 @@ class GraphLoraModel(torch.nn.Module):
         """Run the model (same arguments and output type as the original model's forward)."""
         call = self._bind_call(args, kwargs)
         wants_cache = call.get("use_cache") or call.get("past_key_values") is not None or call.get("cache") is not None
-        if self.trace_mode == "regional":
+        if self.trace_mode in ("regional", "blocks"):
             if not wants_cache:
                 call = {**call, **self._forced_kwargs()}
             self._text_len = text_length(call)
@@ -337,7 +340,7 @@ class GraphLoraModel(torch.nn.Module):
 
     def generate(self, *args, **kwargs):
         """Hugging Face generation, run eagerly with the LoRA branches as forward hooks."""
-        if self.trace_mode == "regional":  # glue hooks are installed; regions fall back to eager + hooks
+        if self.trace_mode in ("regional", "blocks"):  # glue hooks are installed; regions fall back to eager + hooks
             return self._eager.generate(*args, **kwargs)
         sites = self.sites if self._adapters_enabled else []
         with eager_lora_hooks(self, sites):
@@ -532,8 +535,13 @@ class GraphLoraModel(torch.nn.Module):
     def _setup(self, call: dict[str, Any], verify: bool | str = True, trace_mode: str = "auto") -> None:
         """Trace, create the sites, verify against eager; fall back to regions when needed."""
         on_meta = _on_meta(self)
-        if trace_mode not in ("auto", "whole", "regional"):
-            raise ValueError(f"trace_mode must be 'auto', 'whole' or 'regional', not {trace_mode!r}")
+        if trace_mode not in ("auto", "whole", "regional", "blocks"):
+            raise ValueError(f"trace_mode must be 'auto', 'whole', 'regional' or 'blocks', not {trace_mode!r}")
+        self._example_call = dict(call)
+        if trace_mode == "blocks":
+            self._setup(call, verify, "auto")
+            self.trace_by_blocks(verify)
+            return
         reason = "trace_mode='regional'"
         if trace_mode != "regional":
             try:
@@ -587,8 +595,6 @@ class GraphLoraModel(torch.nn.Module):
 
     def _setup_regional(self, call: dict[str, Any], verify: bool, strict: bool, reason: str) -> None:
         """Plan regional tracing: label by names, decide sites, trace and verify the largest regions."""
-        self.trace_mode = "regional"
-        self.regions, self.verification = [], []
         call = {**call, **self._forced_kwargs()}
         self._text_len = text_length(call)
         captured = capture_calls(self._eager, call)
@@ -608,8 +614,16 @@ class GraphLoraModel(torch.nn.Module):
             if decision.targeted:
                 weight = self.get_parameter(labels.weight)
                 self._add_site(labels, decision, None, weight.shape[1], weight.shape[0])
+        self._plan_regions(call, list(self._eager._modules), captured, verify, strict, reason, "regional")
+
+    def _plan_regions(self, call: dict[str, Any], roots: list[str], captured, verify: bool, strict: bool,
+                      reason: str, mode: str) -> None:
+        """Trace and verify regions, starting at ``roots`` and splitting what fails; install runners and
+        glue hooks. ``mode``: "regional" (roots are the model's children) or "blocks" (roots are the
+        towers' blocks: one program per decoder layer / vision block)."""
+        self.trace_mode = mode
+        self.regions, self.verification = [RegionInfo("", "eager", reason)], []
         targeted = {s.module for s in self.sites}
-        self.regions.append(RegionInfo("", "eager", reason))
 
         def contains_site(path: str) -> bool:
             return any(m == path or m.startswith(path + ".") for m in targeted)
@@ -639,8 +653,8 @@ class GraphLoraModel(torch.nn.Module):
             for child in children:
                 visit(child)
 
-        for name in self._eager._modules:
-            visit(name)
+        for root in roots:
+            visit(root)
         if strict:
             # Localised: the smallest parts whose trace differs from eager (none of their parts does).
             failed = [r for r in self.regions if r.path and r.verification is not None and not r.verification.passed]
@@ -656,9 +670,94 @@ class GraphLoraModel(torch.nn.Module):
         for site in self.sites:
             if site.kind == "linear" and not any(site.module.startswith(p + ".") for p in graph_regions):
                 module = self.get_submodule(site.module)
-                module.register_forward_hook(EagerLoraHook(site.scale, site.dropout, self._switch))
+                handle = module.register_forward_hook(EagerLoraHook(site.scale, site.dropout, self._switch))
+                self._glue_hooks.append((site.module, handle.id))
         for path in graph_regions:
             self._eager.get_submodule(path).forward = RegionRunner(self, path)
+
+    def _unplan_regions(self) -> None:
+        """Undo :meth:`_plan_regions`: remove runners and glue hooks, forget region programs."""
+        for region in self.regions:
+            if region.path and region.mode == "graph":
+                self._eager.get_submodule(region.path).__dict__.pop("forward", None)
+        for path, hook_id in self._glue_hooks:
+            self.get_submodule(path)._forward_hooks.pop(hook_id, None)
+        self._glue_hooks = []
+        self._region_caches.clear()
+
+    def trace_by_blocks(self, verify: bool | str = True) -> None:
+        """Run every decoder layer and vision block holding a site as its own traced program (glue eager).
+
+        Needed for per-layer gradient checkpointing and FSDP2 sharding: both act on the layer modules'
+        calls, which a whole-model program does not make. Sites and LoRA weights are kept.
+        """
+        if self.trace_mode == "blocks":
+            return
+        call = getattr(self, "_example_call", None)
+        if call is None:
+            raise GraphLoraError("this model keeps no example inputs to trace blocks with (rewrite it again)")
+        call = {**call, **self._forced_kwargs()}
+        if self.trace_mode == "whole":
+            program = next((p for k, p in self._cache.programs() if k.variant == "lora"), None)
+            if program is None:
+                with torch.no_grad():
+                    program = self._trace_only(call)
+            gm = program.graph_module
+            self._site_labels, self._site_decisions = {}, {}
+            blocks = []
+            for node, labels in labelled_nodes(gm.graph):
+                self._site_labels.setdefault(labels.module, labels)
+                decision = get_decision(node)
+                if decision is not None and (decision.targeted or labels.module not in self._site_decisions):
+                    self._site_decisions[labels.module] = decision
+                blk = structure.block_of(node, "m.")
+                if blk is not None and labels.layer is not None and blk[1] not in blocks:
+                    blocks.append(blk[1])
+            self._towers = dict(gm.meta.get("graphlora.towers", {}))
+        else:
+            self._unplan_regions()
+            blocks = []
+            for labels in self._site_labels.values():
+                stack = module_stack_of(self._eager, labels.module)
+                blk = block_path(stack)
+                if blk is not None and labels.layer is not None and blk not in blocks:
+                    blocks.append(blk)
+        self._text_len = text_length(call)
+        captured = capture_calls(self._eager, call)
+        self._cache.clear()
+        self._plan_regions(call, blocks, captured, bool(verify), verify == "strict",
+                           "traced by blocks (per-layer programs for gradient checkpointing and FSDP2)", "blocks")
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Recompute each decoder layer / vision block in backward instead of storing its activations.
+
+        Switches to :meth:`trace_by_blocks` (one program per layer) and turns on transformers' own
+        per-layer checkpointing on the layers (non-reentrant by default), which then wraps each
+        layer's program. Outputs and gradients are unchanged.
+        """
+        self.trace_by_blocks()
+        options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(self._eager, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self._eager.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+        else:  # pragma: no cover - older transformers
+            self._eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (transformers' and PEFT's older name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        for module in self._eager.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self._eager.modules())
+
+    is_gradient_checkpointing = is_activation_checkpointing
 
     def _report_glue_parameter_matmuls(self, graph_regions: list[str]) -> None:
         """Raw parameter matmuls are visible only in graphs: one the policy would adapt in the eager glue
@@ -758,6 +857,33 @@ class GraphLoraModel(torch.nn.Module):
                 key = f"{site.module}.{part}.weight"
                 out[f"base_model.model.{key}" if peft_keys else key] = getattr(module, part).weight
         return out
+
+    def explain_rows(self) -> list:
+        """One :class:`graphlora.report.ExplainRow` per labelled matmul: labels, decision and reason.
+
+        Whole mode reads the first LoRA program's graph; regional modes read the site table planned
+        from names. Sites refused when their LoRA was created (expert matmuls ...) and sites that
+        cannot reach the loss show as not adapted, with the reason.
+        """
+        from graphlora.report import ExplainRow, explain_program
+
+        program = next((p for k, p in self._cache.programs() if k.variant == "lora"), None)
+        if self.trace_mode == "whole" and program is not None:
+            rows = explain_program(program)
+        else:
+            rows = []
+            for name, labels in self._site_labels.items():
+                d = self._site_decisions.get(name)
+                targeted = bool(d and d.targeted)
+                rows.append(ExplainRow(name, str(labels.component), str(labels.role), labels.layer, targeted,
+                                       d.r if targeted else None, d.alpha if targeted else None,
+                                       d.reason if d else "not decided", bool(d and d.skipped)))
+            listed = {r.name for r in rows}
+            rows += [ExplainRow(s.name, s.component, s.role, s.layer, True, s.r, s.alpha, s.reason)
+                     for s in self.sites if s.name not in listed]
+        refused = {s.name: s for s in self.skipped_sites}
+        return [dataclasses.replace(r, targeted=False, r=None, alpha=None, skipped=True, reason=refused[r.name].reason)
+                if r.name in refused else r for r in rows]
 
     def fusion_report(self) -> dict[str, dict]:
         """Per site of the most recent LoRA program: ``{"fused": bool, "reason": str}``."""

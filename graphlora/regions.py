@@ -72,7 +72,7 @@ def call_as_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
     return out
 
 
-def _stack_for(root: torch.nn.Module, path: str) -> list[StackEntry]:
+def module_stack_of(root: torch.nn.Module, path: str) -> list[StackEntry]:
     parts = path.split(".")
     stack = []
     for i in range(1, len(parts) + 1):
@@ -89,7 +89,7 @@ def name_labels(root: torch.nn.Module, captured: dict[str, CapturedCall], head_p
     table: dict[str, NodeLabels] = {}
     pending = []
     for _, path in linears:
-        stack = _stack_for(root, path)
+        stack = module_stack_of(root, path)
         component = component_by_name(stack, head_paths)
         role = role_by_name(stack, component)
         tower = TOWER_OF_COMPONENT.get(component)
@@ -106,7 +106,7 @@ def name_labels(root: torch.nn.Module, captured: dict[str, CapturedCall], head_p
 def name_label_for_param(root: torch.nn.Module, weight_fqn: str, kind: str, head_paths: frozenset[str]) -> NodeLabels:
     """Labels of a parameter matmul found inside a region graph (names of its owner and parameter)."""
     owner = weight_fqn.rpartition(".")[0]
-    stack = (_stack_for(root, owner) if owner else []) + [StackEntry(weight_fqn, "Parameter")]
+    stack = (module_stack_of(root, owner) if owner else []) + [StackEntry(weight_fqn, "Parameter")]
     component = component_by_name(stack, head_paths)
     return NodeLabels(component, role_by_name(stack, component), None, weight_fqn, kind, weight_fqn)
 

@@ -68,7 +68,7 @@ def format_explain(rows: list[ExplainRow]) -> str:
 
 def component_table(lora_model) -> str:
     """Sites per component with trainable parameter counts, and the model's trainable/total totals."""
-    rows = explain_program(lora_model.programs()[0]) if lora_model.programs() else []
+    rows = lora_model.explain_rows()
     linears = collections.Counter(r.component for r in rows)
     sites = collections.Counter(s.component for s in lora_model.sites)
     skipped = collections.Counter(s.component for s in lora_model.skipped_sites)

@@ -248,6 +248,41 @@ def _quiet_export_logs():
 
 
 @contextlib.contextmanager
+def _keep_output_capture_marks(model: torch.nn.Module):
+    """Keep transformers' "hooks installed" marks that a trace sets.
+
+    transformers installs its output-capturing hooks lazily, on a model's first forward, and marks the
+    model as hooked. If that first forward is a torch.export trace, the hooks stay but the mark is
+    rolled back with the traced module state, so the next eager call would install them a second time
+    and record every hidden state twice. After the trace, a model whose subtree gained capturing hooks
+    is marked again (hooks in a nested model's subtree mark that model, not its parents).
+    """
+    before = {id(m): set(m._forward_hooks) for m in model.modules()}
+    try:
+        yield
+    finally:
+        try:
+            from transformers.modeling_utils import PreTrainedModel
+        except ImportError:  # pragma: no cover
+            PreTrainedModel = ()  # noqa: N806
+        def own_subtree(root):  # root and its modules that belong to no nested PreTrainedModel
+            stack = [root]
+            while stack:
+                module = stack.pop()
+                yield module
+                stack.extend(c for c in module.children() if not isinstance(c, PreTrainedModel))
+
+        for module in model.modules():
+            if not isinstance(module, PreTrainedModel) or getattr(module, "_output_capturing_hooks_installed", False):
+                continue
+            gained = any(hook_id not in before.get(id(sub), ()) and
+                         getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
+                         for sub in own_subtree(module) for hook_id, hook in sub._forward_hooks.items())
+            if gained:
+                module._output_capturing_hooks_installed = True
+
+
+@contextlib.contextmanager
 def _no_output_collector():
     """Hide transformers' active output collector while tracing.
 
@@ -287,7 +322,8 @@ def export_call(
     dynamic_shapes = default_dynamic_shapes(kwargs, text_len) if dynamic else None
     stderr = io.StringIO()  # torch prints the partial graph of a failed export to stderr
     try:
-        with _quiet_export_logs(), _no_output_collector(), contextlib.redirect_stderr(stderr):
+        with _quiet_export_logs(), _no_output_collector(), _keep_output_capture_marks(model), \
+                contextlib.redirect_stderr(stderr):
             ep = torch.export.export(wrapper, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except GraphLoraError:
         raise
