@@ -172,10 +172,13 @@ def block_of(node: torch.fx.Node, stack_prefix: str) -> tuple[str, str] | None:
 # ---------------------------------------------------------------------------------------------
 # Graph walks
 # ---------------------------------------------------------------------------------------------
-def nearest_upstream(start: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
-    """Barrier nodes reached walking backwards from ``start`` (``start`` itself included if a barrier)."""
-    found, seen = set(), set()
-    queue = deque([start])
+def _walk(starts, step, barrier: set[torch.fx.Node]) -> tuple[set[torch.fx.Node], set[torch.fx.Node]]:
+    """Breadth-first walk from ``starts`` along ``step`` (inputs or users), stopping at barrier nodes.
+
+    Returns (non-barrier nodes visited, barrier nodes reached).
+    """
+    visited, found, seen = set(), set(), set()
+    queue = deque(starts)
     while queue:
         n = queue.popleft()
         if n in seen:
@@ -184,37 +187,24 @@ def nearest_upstream(start: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[t
         if n in barrier:
             found.add(n)
             continue
-        queue.extend(n.all_input_nodes)
-    return found
+        visited.add(n)
+        queue.extend(step(n))
+    return visited, found
+
+
+def nearest_upstream(start: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Barrier nodes reached walking backwards from ``start`` (``start`` itself included if a barrier)."""
+    return _walk([start], lambda n: n.all_input_nodes, barrier)[1]
 
 
 def nearest_downstream(start: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
     """Barrier nodes reached walking forwards from ``start``'s users (not ``start`` itself)."""
-    found, seen = set(), set()
-    queue = deque(start.users)
-    while queue:
-        n = queue.popleft()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n in barrier:
-            found.add(n)
-            continue
-        queue.extend(n.users)
-    return found
+    return _walk(start.users, lambda n: n.users, barrier)[1]
 
 
 def downstream_until(start: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
     """Nodes downstream of ``start`` reached without crossing a barrier node (barriers excluded)."""
-    seen: set[torch.fx.Node] = set()
-    queue = deque(start.users)
-    while queue:
-        n = queue.popleft()
-        if n in seen or n in barrier:
-            continue
-        seen.add(n)
-        queue.extend(n.users)
-    return seen
+    return _walk(start.users, lambda n: n.users, barrier)[0]
 
 
 def nodes_between(src: torch.fx.Node, dst: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
