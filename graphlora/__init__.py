@@ -3,6 +3,9 @@
 ``graphlora.rewrite(model, policy)`` traces a transformers VLM with torch.export, labels every linear
 by component (vision / projector / cross-attention / language / head), role and layer, and inserts
 LoRA branches exactly where the policy says.
+
+The heavy entry points (``rewrite``, ``GraphLoraModel``, ``load_adapter``, ``explain``) import
+transformers on first use, so ``import graphlora`` stays quick.
 """
 
 from graphlora.errors import (
@@ -12,17 +15,32 @@ from graphlora.errors import (
     PassError,
     PolicyError,
     QuantizedBaseLayerError,
+    TraceMismatchError,
     UnsupportedModelError,
 )
 from graphlora.labels import Component, Role
 from graphlora.lora import Site, SkippedSite
-from graphlora.model import GraphLoraModel
 from graphlora.policy import Policy, Rule, RuleMatch, load_policy
-from graphlora.rewrite import rewrite
-from graphlora.adapters import load_adapter
-from graphlora.explain import explain
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "rewrite": "graphlora.rewrite",
+    "GraphLoraModel": "graphlora.model",
+    "load_adapter": "graphlora.adapters",
+    "explain": "graphlora.explain",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'graphlora' has no attribute {name!r}")
+
 
 __all__ = [
     "Component",
@@ -39,6 +57,7 @@ __all__ = [
     "RuleMatch",
     "Site",
     "SkippedSite",
+    "TraceMismatchError",
     "UnsupportedModelError",
     "explain",
     "load_adapter",

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_third_party_logs() -> None:
-    """transformers imports torchao when it is installed, which logs about optional CUDA libraries."""
+    """transformers imports torchao when it is installed, which logs about optional CUDA libraries
+    (command line only; graphlora imports transformers lazily, so this runs first)."""
     import logging
 
     for name in ("torchao", "torch.utils._pytree"):
