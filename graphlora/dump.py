@@ -1288,7 +1288,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     try:
         result = dump(
             args.model, args.policy, args.out, formats=args.format, after=args.after, only=args.only or None,
-            verify=not args.no_verify, progress=None if args.quiet else sys.stderr,
+            verify=not args.no_verify, trace_mode=args.trace_mode, progress=None if args.quiet else sys.stderr,
         )
     except GraphLoraError:
         raise
@@ -1330,4 +1330,6 @@ def add_dump_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="do not compare the rewritten program with the original model")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--trace-mode", default="auto", choices=("auto", "whole", "regional", "blocks"),
+                   help="how to trace (see docs/tracing.md); regional/blocks dump one trace per region")
     p.set_defaults(func=_cmd_dump)
