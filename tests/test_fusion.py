@@ -59,6 +59,18 @@ def test_every_llava_site_is_fused_and_matches(tiny):
         torch.testing.assert_close(grads_f[name], grads_u[name], atol=1e-5, rtol=1e-4, msg=name)
         assert grads_f[name].abs().sum() > 0, name
 
+    # And against eager PyTorch: the same LoRA as forward hooks on the modules (x W^T + s B A x).
+    from graphlora.lora import eager_lora_hooks
+
+    for p in fused.parameters():
+        p.grad = None
+    with eager_lora_hooks(fused, fused.sites):
+        eager_out = fused._eager(**inputs, use_cache=False)
+    eager_out.loss.backward()
+    torch.testing.assert_close(out_f.logits, eager_out.logits, atol=1e-6, rtol=1e-6)
+    for name, grad in lora_grads(fused).items():
+        torch.testing.assert_close(grads_f[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
 
 def test_training_with_dropout_uses_the_seeded_op(tiny):
     model, inputs = tiny("llava")
