@@ -844,6 +844,61 @@ def load_adapter(model: torch.nn.Module, directory: str | os.PathLike, example_i
     return lora_model
 
 
+def load_adapter_weights(lora_model: "GraphLoraModel", directory: str | os.PathLike) -> None:
+    """Copy the adapter tensors saved in ``directory`` (by :func:`save_adapter`) into the live ``lora_model``.
+
+    For resuming training (``GraphLoraTrainerMixin``) and reloading a best checkpoint: unlike
+    :func:`load_adapter` nothing is rewritten; the adapter must be this model's. The saved config must agree
+    with the model's on every field that changes the numbers (ranks, alphas, targets, modules_to_save), and
+    the weights file must hold exactly the model's adapter keys with the model's shapes; anything else is an
+    :class:`AdapterError` naming the fields or keys. Values are cast to each parameter's dtype and device.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    check_adapter_config(config, str(directory / ADAPTER_CONFIG_NAME))
+    tensors, metadata = read_adapter_tensors(directory)
+    _check_metadata(config, metadata, directory)
+    saved, ours = _numeric_record(config), _numeric_record(adapter_config(lora_model, task_type=None))
+    differ = [k for k in _NUMERIC_FIELDS if saved.get(k) != ours.get(k)]
+    if differ:
+        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, model {ours.get(k)!r}" for k in differ[:3])
+        raise AdapterError(f"{directory / ADAPTER_CONFIG_NAME} is not this model's adapter ({_shorten(differ)} differ: "
+                           f"{detail}); load it with graphlora.load_adapter(original_model, directory) instead")
+    # key -> (live tensor, transposed?) in PEFT's keys and layouts, as adapter_tensors writes them.
+    targets: dict[str, tuple[torch.Tensor, bool]] = {}
+    for site in lora_model.sites:
+        module = lora_model.get_submodule(site.module)
+        a, b = module.lora_A.weight, module.lora_B.weight
+        if site.kind != "linear" and site.weight_layout == "in_out":
+            targets[f"{PEFT_PREFIX}{site.module}.lora_A.weight"] = (b, True)
+            targets[f"{PEFT_PREFIX}{site.module}.lora_B.weight"] = (a, True)
+        else:
+            targets[f"{PEFT_PREFIX}{site.module}.lora_A.weight"] = (a, False)
+            targets[f"{PEFT_PREFIX}{site.module}.lora_B.weight"] = (b, False)
+    for path in _modules_to_save_paths(lora_model.base_model, lora_model.policy.modules_to_save):
+        for key, value in lora_model.get_submodule(path).state_dict(keep_vars=True).items():
+            targets[f"{PEFT_PREFIX}{path}.{key}"] = (value, False)
+    weights = directory / ADAPTER_WEIGHTS_NAME
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    shapes = {k: tuple(t.T.shape if transposed else t.shape) for k, (t, transposed) in targets.items()}
+    wrong = [f"{k} {list(tensors[k].shape)} (model: {list(shape)})"
+             for k, shape in shapes.items() if k in tensors and tuple(tensors[k].shape) != shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_shorten(missing, 4)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} key(s) this model does not have: {_shorten(unexpected, 4)}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): {_shorten(wrong, 4)}")
+    if problems:
+        raise AdapterError(f"{weights} does not fit this model: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, (target, transposed) in targets.items():
+            value = tensors[key]
+            target.copy_(value.T if transposed else value)
+
+
 # =====================================================================================================
 # merge / unmerge
 # =====================================================================================================

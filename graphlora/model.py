@@ -291,8 +291,25 @@ class GraphLoraModel(torch.nn.Module):
         if wants_cache:
             # Incremental decoding needs the KV cache object, which a traced program cannot return.
             return self._eager_call(call)
-        program, flat = self._program_for(call)
-        return program(self, flat)
+        items = call.get("num_items_in_batch")
+        if isinstance(items, (int, float)) and not isinstance(items, bool):
+            # Trainer's count of label tokens (the loss divides by it). A Python number would be a constant of
+            # the trace (one new trace per value); as a tensor it is a program input.
+            call["num_items_in_batch"] = torch.tensor(items)
+        try:
+            program, flat = self._program_for(call)
+            return program(self, flat)
+        except Exception as e:
+            sharded = _fsdp_sharded_submodules(self)
+            if not sharded:
+                raise
+            where = ", ".join(sharded[:3]) + (" ..." if len(sharded) > 3 else "")
+            raise GraphLoraError(
+                f"FSDP2 (fully_shard) on submodules ({where}) needs trace_mode='blocks': a whole-model program never "
+                "calls those modules, so their all-gather hooks do not run and it would read sharded parameters. Call "
+                "lora_model.trace_by_blocks() (or rewrite(..., trace_mode='blocks'); graphlora.integrations."
+                "fully_shard_by_blocks does both) before fully_shard; fully_shard on the root alone works in whole "
+                "mode") from e
 
     def _program_for(self, call: dict[str, Any]) -> tuple[Program, list[Any]]:
         """The cached program for this call (tracing one if none accepts it) and its flat inputs."""
@@ -366,6 +383,14 @@ class GraphLoraModel(torch.nn.Module):
         from graphlora import adapters
 
         return adapters.save_adapter(self, directory, overwrite=overwrite, **kwargs)
+
+    def load_adapter_weights(self, directory) -> None:
+        """Copy the adapter tensors that :meth:`save_adapter` wrote in ``directory`` into this model, in place
+        (resuming training). Keys, shapes and the numeric config fields must match this model's; see
+        :func:`graphlora.adapters.load_adapter_weights`."""
+        from graphlora import adapters
+
+        adapters.load_adapter_weights(self, directory)
 
     def merge(self) -> None:
         """Fold ``s * B A`` into the adapted base weights, in place.
@@ -443,7 +468,16 @@ class GraphLoraModel(torch.nn.Module):
         t0 = time.perf_counter()
         if path:
             module = self._eager.get_submodule(path)
-            ep = export_call(module, tensors, constants, text_len=self._text_len, class_forward=True)
+            # Trace the layer's plain forward: with checkpointing on, its class forward would trace through
+            # torch.utils.checkpoint (the runner checkpoints the program instead, see _run_region).
+            checkpointing = module.__dict__.get("gradient_checkpointing")
+            if checkpointing is True:
+                module.gradient_checkpointing = False
+            try:
+                ep = export_call(module, tensors, constants, text_len=self._text_len, class_forward=True)
+            finally:
+                if checkpointing is True:
+                    module.gradient_checkpointing = True
         else:
             ep = export_call(self._eager, tensors, {**constants, **self._forced_kwargs()})
         program = Program.from_exported(ep, tuple(sorted(tensors)))
@@ -731,9 +765,11 @@ class GraphLoraModel(torch.nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Recompute each decoder layer / vision block in backward instead of storing its activations.
 
-        Switches to :meth:`trace_by_blocks` (one program per layer) and turns on transformers' own
-        per-layer checkpointing on the layers (non-reentrant by default), which then wraps each
-        layer's program. Outputs and gradients are unchanged.
+        Switches to :meth:`trace_by_blocks` (one program per layer) and turns on transformers' per-layer
+        checkpointing flags (non-reentrant by default). transformers' layers checkpoint their class
+        ``forward``, which a layer's program runner replaces, so the runner itself wraps each program
+        call in the layer's checkpoint function (see ``_run_region``). Outputs and gradients are
+        unchanged; activations inside each layer are recomputed in backward.
         """
         self.trace_by_blocks()
         options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
@@ -831,6 +867,13 @@ class GraphLoraModel(torch.nn.Module):
             sites = [s for s in self.sites if s.module.startswith(path + ".")] if self._adapters_enabled else []
             with eager_lora_hooks(self, sites):
                 return type(module).forward(module, *args, **kwargs)
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        if checkpoint is not None and getattr(module, "gradient_checkpointing", False) is True and module.training \
+                and torch.is_grad_enabled():
+            # transformers' GradientCheckpointingLayer checkpoints its *class* forward, which this runner replaces:
+            # checkpoint the program call instead (traced above, outside the checkpoint; inputs passed positionally so
+            # that reentrant checkpointing also propagates their gradients).
+            return checkpoint(lambda *inputs: program(module, list(inputs)), *flat)
         return program(module, flat)
 
     # ------------------------------------------------------------------ reporting
@@ -897,6 +940,15 @@ class GraphLoraModel(torch.nn.Module):
 
     def programs(self) -> list[Program]:
         return [p for _, p in self._cache.programs()]
+
+
+def _fsdp_sharded_submodules(root: torch.nn.Module) -> list[str]:
+    """Paths of the strict submodules that FSDP2's ``fully_shard`` was applied to."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch built without distributed
+        return []
+    return [name for name, m in root.named_modules() if name and isinstance(m, FSDPModule)]
 
 
 def _on_meta(module: torch.nn.Module) -> bool:
