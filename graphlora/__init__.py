@@ -25,10 +25,10 @@ from graphlora.policy import Policy, Rule, RuleMatch, load_policy
 __version__ = "0.1.0"
 
 _LAZY = {
-    "rewrite": "graphlora.rewrite",
+    "rewrite": "graphlora.rewriter",
     "GraphLoraModel": "graphlora.model",
     "load_adapter": "graphlora.adapters",
-    "explain": "graphlora.explain",
+    "explain": "graphlora.explainer",
 }
 
 

@@ -808,7 +808,7 @@ def load_adapter(model: torch.nn.Module, directory: str | os.PathLike, example_i
     ``example_inputs`` and ``rewrite_kwargs`` go to :func:`graphlora.rewrite`. Errors name the file and keys.
     """
     from graphlora.model import GraphLoraModel
-    from graphlora.rewrite import rewrite
+    from graphlora.rewriter import rewrite
 
     if isinstance(model, GraphLoraModel):
         raise AdapterError("load_adapter() takes the original model, not a GraphLoraModel (use lora_model.base_model)")

@@ -19,7 +19,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from graphlora.explain import explain
+    from graphlora.explainer import explain
     from graphlora.model_spec import load_model_spec
     from graphlora.report import format_explain
 
@@ -31,7 +31,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _sites_for(model_spec: str, policy_path: str):
     from graphlora.model_spec import load_model_spec
-    from graphlora.rewrite import rewrite
+    from graphlora.rewriter import rewrite
 
     model, example_inputs = load_model_spec(model_spec)
     return rewrite(model, policy_path, example_inputs).sites

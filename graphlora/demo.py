@@ -11,7 +11,7 @@ import torch
 
 from graphlora.model_spec import load_model_spec
 from graphlora.report import component_table
-from graphlora.rewrite import rewrite
+from graphlora.rewriter import rewrite
 from graphlora.synthetic import caption_batches, caption_dataset
 
 

@@ -1144,7 +1144,7 @@ def dump(
     As with :func:`graphlora.rewrite`, a model passed in has its parameters frozen.
     """
     from graphlora.model_spec import load_model_spec
-    from graphlora.rewrite import rewrite
+    from graphlora.rewriter import rewrite
 
     started = time.perf_counter()
     fmts = _parse_formats(formats)

@@ -17,7 +17,7 @@ import pytest
 
 import graphlora
 from graphlora import zoo
-from graphlora.explain import explain
+from graphlora.explainer import explain
 from helpers import expand
 
 # The full-VLM preset (both towers, attention and MLP) plus the projector.

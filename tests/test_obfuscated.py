@@ -16,7 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import graphlora
-from graphlora.explain import explain
+from graphlora.explainer import explain
 from helpers import expand
 
 D, HEADS, VOCAB, IMAGE_TOKEN = 32, 4, 64, 63

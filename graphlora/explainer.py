@@ -15,7 +15,7 @@ def explain(model: torch.nn.Module, policy: Any = None, example_inputs: dict[str
     The model is rewritten on the side and the returned rows are the decisions of that rewrite; the
     model's parameters keep their ``requires_grad`` flags.
     """
-    from graphlora.rewrite import rewrite
+    from graphlora.rewriter import rewrite
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
