@@ -192,6 +192,11 @@ def _walk(starts, step, barrier: set[torch.fx.Node]) -> tuple[set[torch.fx.Node]
     return visited, found
 
 
+def ancestors(nodes) -> set[torch.fx.Node]:
+    """``nodes`` and every node they (transitively) read."""
+    return _walk(nodes, lambda n: n.all_input_nodes, set())[0]
+
+
 def nearest_upstream(start: torch.fx.Node, barrier: set[torch.fx.Node]) -> set[torch.fx.Node]:
     """Barrier nodes reached walking backwards from ``start`` (``start`` itself included if a barrier)."""
     return _walk([start], lambda n: n.all_input_nodes, barrier)[1]

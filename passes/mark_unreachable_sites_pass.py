@@ -14,18 +14,7 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphlora.labels import SiteDecision, get_decision, labelled_nodes, set_decision
-
-
-def ancestors_of(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
-    seen: set[torch.fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
+from graphlora.structure import ancestors
 
 
 class MarkUnreachableSitesPass(PassBase):
@@ -37,7 +26,7 @@ class MarkUnreachableSitesPass(PassBase):
         wanted = graph_module.meta.get("graphlora.loss_outputs")
         names = graph_module.meta.get("graphlora.loss_output_names", "the model's outputs")
         roots = [flat[i] for i in wanted] if wanted else flat
-        live = ancestors_of([r for r in roots if isinstance(r, torch.fx.Node)])
+        live = ancestors([r for r in roots if isinstance(r, torch.fx.Node)])
         # A module called several times is one site: it is live when any of its calls is.
         nodes = labelled_nodes(graph_module.graph)
         live_sites = {labels.module for node, labels in nodes if node in live}

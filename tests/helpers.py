@@ -42,3 +42,24 @@ def merged_copy(original: torch.nn.Module, lora_model) -> torch.nn.Module:
             weight = merged.get_parameter(site.name + ".weight" if site.kind == "linear" else site.name)
             weight += (delta.T if site.weight_layout == "in_out" else delta).to(weight.dtype)
     return merged
+
+
+def train_and_check_grads(lora_model, inputs, steps: int) -> list[float]:
+    """AdamW steps on one batch; asserts after the first backward that every site's lora_B got a gradient.
+
+    Returns the losses, one per step.
+    """
+    lora_model.train()
+    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(steps):
+        loss = lora_model(**inputs).loss
+        loss.backward()
+        if step == 0:
+            for site in lora_model.sites:
+                grad = lora_model.get_submodule(site.module).lora_B.weight.grad
+                assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {site.name}.lora_B"
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import graphlora
 from graphlora.explainer import explain
-from helpers import expand
+from helpers import expand, train_and_check_grads
 
 D, HEADS, VOCAB, IMAGE_TOKEN = 32, 4, 64, 63
 PATCH, IMAGE = 4, 16
@@ -240,23 +240,6 @@ def test_structure_labels_without_names():
     assert obfuscated_labels == {path_map[name]: labels for name, labels in EXPECTED.items()}
 
 
-def _train(lora_model, inputs, steps: int = 6) -> list[float]:
-    lora_model.train()
-    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(steps):
-        loss = lora_model(**inputs).loss
-        loss.backward()
-        if step == 0:
-            for site in lora_model.sites:
-                grad = lora_model.get_submodule(site.module).lora_B.weight.grad
-                assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {site.name}.lora_B"
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_obfuscated_model_is_rewritten_and_trains():
     named, obfuscated, path_map = twin_models()
     inputs = example_inputs()
@@ -296,5 +279,5 @@ def test_obfuscated_model_is_rewritten_and_trains():
         torch.testing.assert_close(named_lora(**inputs).logits, obfuscated_lora(**inputs).logits, rtol=0, atol=0)
     for lora_model in (named_lora, obfuscated_lora):
         assert not any(p.requires_grad for n, p in lora_model.named_parameters() if ".lora_" not in n)
-        losses = _train(lora_model, inputs)
+        losses = train_and_check_grads(lora_model, inputs, steps=6)
         assert losses[-1] < losses[0], losses

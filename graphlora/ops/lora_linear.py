@@ -289,17 +289,18 @@ def _use_triton(x, weights, biases, lora_as, lora_bs):
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scale: float, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
     """Fused LoRA linear (see the module docstring). All devices: the reference implementation."""
-    check_lora_linear_args(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    k = _use_triton(x, [weight], [bias], [lora_a], [lora_b]) if _TRITON_ON_CPU else None
-    if k is not None:
-        return k.lora_forward(x, [weight], [bias], [lora_a], [lora_b], [scale], dropout_p, seed)[0]
-    return reference_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    return _lora_linear_impl(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, _TRITON_ON_CPU)
 
 
 @lora_linear.register_kernel("cuda")
 def _lora_linear_cuda(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    return _lora_linear_impl(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, True)
+
+
+def _lora_linear_impl(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, try_triton: bool):
+    """The Triton kernels where ``try_triton`` and they apply to these inputs, else the reference."""
     check_lora_linear_args(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    k = _use_triton(x, [weight], [bias], [lora_a], [lora_b])
+    k = _use_triton(x, [weight], [bias], [lora_a], [lora_b]) if try_triton else None
     if k is not None:
         return k.lora_forward(x, [weight], [bias], [lora_a], [lora_b], [scale], dropout_p, seed)[0]
     return reference_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
@@ -316,19 +317,20 @@ def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor
                          scale: float, dropout_p: float, seed: Optional[Tensor],
                          compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of ``lora_linear``: (dx, or an empty tensor if not compute_dx; d lora_a; d lora_b)."""
-    k = _use_triton(x, [weight], [None], [lora_a], [lora_b]) if _TRITON_ON_CPU else None
-    if k is not None:
-        dx, d_as, d_bs = k.lora_backward([grad], x, [weight], [lora_a], [lora_b], [scale],
-                                         dropout_p, seed, compute_dx)
-        return dx, d_as[0], d_bs[0]
-    return reference_lora_linear_backward(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed,
-                                          compute_dx)
+    return _lora_linear_backward_impl(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed,
+                                      compute_dx, _TRITON_ON_CPU)
 
 
 @lora_linear_backward.register_kernel("cuda")
 def _lora_linear_backward_cuda(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed,
                                compute_dx):
-    k = _use_triton(x, [weight], [None], [lora_a], [lora_b])
+    return _lora_linear_backward_impl(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed,
+                                      compute_dx, True)
+
+
+def _lora_linear_backward_impl(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed, compute_dx,
+                               try_triton: bool):
+    k = _use_triton(x, [weight], [None], [lora_a], [lora_b]) if try_triton else None
     if k is not None:
         dx, d_as, d_bs = k.lora_backward([grad], x, [weight], [lora_a], [lora_b], [scale],
                                          dropout_p, seed, compute_dx)
@@ -377,17 +379,19 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
                       lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor], scales: Sequence[float],
                       dropout_p: float, seed: Optional[Tensor]) -> list[Tensor]:
     """Several LoRA linears on the same input; member ``m`` uses dropout stream ``m``."""
-    check_lora_linear_group_args(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
-    k = _use_triton(x, weights, biases, lora_as, lora_bs) if _TRITON_ON_CPU else None
-    if k is not None:
-        return k.lora_forward(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
-    return reference_lora_linear_group(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
+    return _lora_linear_group_impl(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed,
+                                   _TRITON_ON_CPU)
 
 
 @lora_linear_group.register_kernel("cuda")
 def _lora_linear_group_cuda(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed):
+    return _lora_linear_group_impl(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed, True)
+
+
+def _lora_linear_group_impl(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed,
+                            try_triton: bool):
     check_lora_linear_group_args(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
-    k = _use_triton(x, weights, biases, lora_as, lora_bs)
+    k = _use_triton(x, weights, biases, lora_as, lora_bs) if try_triton else None
     if k is not None:
         return k.lora_forward(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
     return reference_lora_linear_group(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
@@ -405,19 +409,20 @@ def lora_linear_group_backward(grads: Sequence[Tensor], x: Tensor, weights: Sequ
                                scales: Sequence[float], dropout_p: float, seed: Optional[Tensor],
                                compute_dx: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Backward of ``lora_linear_group``: (dx or empty(0), [d lora_a_m], [d lora_b_m])."""
-    nones = [None] * len(weights)
-    k = _use_triton(x, weights, nones, lora_as, lora_bs) if _TRITON_ON_CPU else None
-    if k is not None:
-        return k.lora_backward(grads, x, weights, lora_as, lora_bs, scales, dropout_p, seed,
-                               compute_dx)
-    return reference_lora_linear_group_backward(grads, x, weights, lora_as, lora_bs, scales,
-                                                dropout_p, seed, compute_dx)
+    return _lora_linear_group_backward_impl(grads, x, weights, lora_as, lora_bs, scales, dropout_p,
+                                            seed, compute_dx, _TRITON_ON_CPU)
 
 
 @lora_linear_group_backward.register_kernel("cuda")
 def _lora_linear_group_backward_cuda(grads, x, weights, lora_as, lora_bs, scales, dropout_p, seed,
                                      compute_dx):
-    k = _use_triton(x, weights, [None] * len(weights), lora_as, lora_bs)
+    return _lora_linear_group_backward_impl(grads, x, weights, lora_as, lora_bs, scales, dropout_p,
+                                            seed, compute_dx, True)
+
+
+def _lora_linear_group_backward_impl(grads, x, weights, lora_as, lora_bs, scales, dropout_p, seed,
+                                     compute_dx, try_triton: bool):
+    k = _use_triton(x, weights, [None] * len(weights), lora_as, lora_bs) if try_triton else None
     if k is not None:
         return k.lora_backward(grads, x, weights, lora_as, lora_bs, scales, dropout_p, seed,
                                compute_dx)

@@ -639,6 +639,21 @@ def _down_config(members: int, block_r: int, a_bytes: int):
     return block_m, block_k, 4, stages
 
 
+def _split_reduction(length: int, block: int, grid_m: int, device) -> tuple[int, int]:
+    """Split a reduction of ``length`` until there are ~2 programs per SM, each split keeping >= 4
+    iterations of ``block``; under the interpreter, at most 2 splits (still exercising the atomics).
+
+    Returns (number of splits, length per split, a multiple of ``block``).
+    """
+    if INTERPRET:
+        split = min(2, triton.cdiv(length, block))
+    else:
+        max_split = max(1, triton.cdiv(length, 4 * block))
+        split = max(1, min(max_split, triton.cdiv(2 * _num_sms(device), grid_m)))
+    per_split = triton.cdiv(triton.cdiv(length, split), block) * block
+    return triton.cdiv(length, per_split), per_split
+
+
 def _down(x2d, a_cat, offsets, ranks, scales, p, seed_t, stream0=0):
     """xa[M, R_total] (fp32) = s_m * drop_m(x) @ A_m^T for all members (chunks of <= 3)."""
     M, K = x2d.shape
@@ -651,13 +666,7 @@ def _down(x2d, a_cat, offsets, ranks, scales, p, seed_t, stream0=0):
     else:
         block_m, block_k, num_warps, num_stages = _down_config(n_chunk, block_r, a_cat.element_size())
     grid_m = triton.cdiv(M, block_m)
-    # Split K until there are ~2 programs per SM (each split keeps >= 4 K-iterations).
-    max_split = max(1, triton.cdiv(K, 4 * block_k))
-    split = max(1, min(max_split, triton.cdiv(2 * _num_sms(x2d.device), grid_m)))
-    if INTERPRET:
-        split = min(2, triton.cdiv(K, block_k))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_per_split)
+    split, k_per_split = _split_reduction(K, block_k, grid_m, x2d.device)
     small = (M + block_m) * K < 2**31
     thr = _rng.threshold(p) if p > 0 else 0
     inv_keep = 1.0 / (1.0 - p)
@@ -689,12 +698,7 @@ def _up_bwd(dy2d, b, xa, dxa, db, col_off, r, scale, x_dtype):
         block_m, block_n = (128, 64) if block_r <= 32 else (64, 32)
         num_warps, num_stages = 8, 3
     grid_m = triton.cdiv(M, block_m)
-    max_split = max(1, triton.cdiv(N, 4 * block_n))
-    split = max(1, min(max_split, triton.cdiv(2 * _num_sms(dy2d.device), grid_m)))
-    if INTERPRET:
-        split = min(2, triton.cdiv(N, block_n))
-    n_per_split = triton.cdiv(triton.cdiv(N, split), block_n) * block_n
-    split = triton.cdiv(N, n_per_split)
+    split, n_per_split = _split_reduction(N, block_n, grid_m, dy2d.device)
     _lora_up_bwd_kernel[(grid_m, split)](
         dy2d, b, xa, dxa, db,
         M, N, r, n_per_split,
