@@ -10,8 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.graphlora-installed
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist). On the 2-core CI machine two took the slow-included run from 13 to 8
-# minutes (measured 2026-11-29); each worker holds
-# its own models and traces, so raise it only with the memory to match.
+# minutes (measured 2026-11-29). Each worker holds its own models and traces: raise it only with the
+# memory to match.
 TEST_WORKERS ?= 2
 
 ifeq ($(CI),true)
