@@ -20,14 +20,15 @@ from graphlora.errors import (
 )
 from graphlora.labels import Component, Role
 from graphlora.lora import Site, SkippedSite
-from graphlora.policy import Policy, Rule, RuleMatch, load_policy
+from graphlora.policy import Policy, Rule, RuleMatch
+from graphlora.policy_files import load_policy
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "rewrite": "graphlora.rewriter",
     "GraphLoraModel": "graphlora.model",
-    "load_adapter": "graphlora.adapters",
+    "load_adapter": "graphlora.adapter_loader",
     "explain": "graphlora.explainer",
 }
 

@@ -34,11 +34,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from graphlora.errors import GraphLoraError
-from graphlora.lora import LORA_DTYPES, Site, lora_delta
+from graphlora.lora import Site, lora_delta
 
 if TYPE_CHECKING:  # pragma: no cover
     from graphlora.model import GraphLoraModel
-    from graphlora.policy import Policy
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,7 +52,7 @@ META_VERSION = "graphlora.version"
 
 #: Config fields recorded in the weights file, so that a config that does not belong with the weights
 #: (an interrupted save, a hand edit) is caught on load.
-_NUMERIC_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+NUMERIC_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
                    "target_parameters", "modules_to_save")
 
 _MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
@@ -71,22 +70,22 @@ class AdapterExistsError(AdapterError, FileExistsError):
 # =====================================================================================================
 # PEFT semantics (re-stated here; graphlora does not import PEFT)
 # =====================================================================================================
-def _peft_list_match(name: str, entries: Iterable[str]) -> bool:
+def peft_list_match(name: str, entries: Iterable[str]) -> bool:
     """PEFT's list matching of ``target_modules`` / ``target_parameters``: equal, or ends with ``"." + entry``."""
     return any(name == e or name.endswith("." + e) for e in entries)
 
 
-def _peft_targets_module(target_modules: Any, name: str, linear_names: set[str]) -> bool:
+def peft_targets_module(target_modules: Any, name: str, linear_names: set[str]) -> bool:
     if target_modules is None:
         return False
     if isinstance(target_modules, str):
         if target_modules.lower() == "all-linear":
             return name in linear_names
         return re.fullmatch(target_modules, name) is not None
-    return _peft_list_match(name, target_modules)
+    return peft_list_match(name, target_modules)
 
 
-def _peft_pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+def peft_pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first pattern P (in order) such that the key
     matches ``(.*\\.)?(P)$`` from its start."""
     for pattern in patterns:
@@ -95,12 +94,12 @@ def _peft_pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any
     return default
 
 
-def _peft_excluded_by_modules_to_save(name: str, modules_to_save: Iterable[str] | None) -> bool:
+def peft_excluded_by_modules_to_save(name: str, modules_to_save: Iterable[str] | None) -> bool:
     """PEFT never puts an adapter on (or inside) a ``modules_to_save`` module."""
     return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or ())
 
 
-def _peft_modules_to_save_hits(model: torch.nn.Module, name: str) -> list[str]:
+def peft_modules_to_save_hits(model: torch.nn.Module, name: str) -> list[str]:
     """Module paths PEFT wraps for a ``modules_to_save`` entry: those that end with it (no dot required)."""
     return [path for path, _ in model.named_modules() if path and path.endswith(name)]
 
@@ -118,7 +117,7 @@ def _weight_name(site: Site) -> str:
     return f"{site.name}.weight" if site.kind == "linear" else site.name
 
 
-def _modules_to_save_paths(model: torch.nn.Module, names: list[str] | None) -> list[str]:
+def modules_to_save_paths(model: torch.nn.Module, names: list[str] | None) -> list[str]:
     """The module paths graphlora copied for ``policy.modules_to_save`` (same matching as rewrite)."""
     paths: set[str] = set()
     for name in names or []:
@@ -126,12 +125,12 @@ def _modules_to_save_paths(model: torch.nn.Module, names: list[str] | None) -> l
     return sorted(paths)
 
 
-def _shorten(items: list[str], limit: int = 8) -> str:
+def shorten(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _is_inside(path: str, container: str) -> bool:
+def is_inside(path: str, container: str) -> bool:
     return path == container or path.startswith(container + ".")
 
 
@@ -229,7 +228,7 @@ def _commit(directory: Path, staged: dict[str, Path], remove: Iterable[str] = ()
 # =====================================================================================================
 # save_adapter
 # =====================================================================================================
-def _linear_module_names(model: torch.nn.Module) -> set[str]:
+def linear_module_names(model: torch.nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
@@ -240,7 +239,7 @@ def _check_peft_can_represent(lora_model: "GraphLoraModel", mts_paths: list[str]
     for site in sites:
         by_dropout[site.dropout].append(site.name)
     if len(by_dropout) > 1:
-        detail = "; ".join(f"dropout {d}: {_shorten(names, 3)}" for d, names in sorted(by_dropout.items()))
+        detail = "; ".join(f"dropout {d}: {shorten(names, 3)}" for d, names in sorted(by_dropout.items()))
         raise AdapterError(
             "cannot save a PEFT adapter: PEFT has one lora_dropout for all modules, but these sites differ "
             f"({detail}). Give every site the same dropout (rules[].dropout) before saving."
@@ -259,7 +258,7 @@ def _check_peft_can_represent(lora_model: "GraphLoraModel", mts_paths: list[str]
                 raise AdapterError(f"cannot save a PEFT adapter: site {site.name} adapts a {owner_param.dim()}-D "
                                    "parameter, which graphlora does not write for PEFT")
         for path in mts_paths:
-            if _is_inside(site.module, path) or _peft_excluded_by_modules_to_save(site.module, [path]):
+            if is_inside(site.module, path) or peft_excluded_by_modules_to_save(site.module, [path]):
                 raise AdapterError(
                     f"cannot save a PEFT adapter: site {site.name} lies inside modules_to_save module {path}; PEFT "
                     "never puts LoRA on (or inside) a modules_to_save module"
@@ -287,7 +286,7 @@ def _target_fields(lora_model: "GraphLoraModel", mts_paths: list[str]) -> tuple[
         hits = [n for n in param_names if n == name or n.endswith("." + name)]
         if hits != [name]:
             raise AdapterError(
-                f"cannot save a PEFT adapter: target_parameters entry {name} would also match {_shorten(hits)} "
+                f"cannot save a PEFT adapter: target_parameters entry {name} would also match {shorten(hits)} "
                 "(PEFT matches parameter names by suffix and has no regular expressions for them)"
             )
     for path in mts_paths:
@@ -295,7 +294,7 @@ def _target_fields(lora_model: "GraphLoraModel", mts_paths: list[str]) -> tuple[
         hits = [n for n, m in original.named_modules(remove_duplicate=False) if n.endswith(path) and m is not module]
         if hits:
             raise AdapterError(
-                f"cannot save a PEFT adapter: modules_to_save entry {path} would also select {_shorten(hits)} "
+                f"cannot save a PEFT adapter: modules_to_save entry {path} would also select {shorten(hits)} "
                 "(PEFT matches modules_to_save by name suffix)"
             )
     return target_modules, (params or None)
@@ -308,7 +307,7 @@ def _patterns(sites: list[Site], default: Any, attr: str, all_names: list[str]) 
     here); otherwise anchored, escaped regular expressions."""
     values = {s.name: getattr(s, attr) for s in sites}
     differing = {n: v for n, v in values.items() if v != default}
-    if all(_peft_pattern_value(differing, n, default) == values[n] for n in all_names):
+    if all(peft_pattern_value(differing, n, default) == values[n] for n in all_names):
         return differing
     return {"^" + re.escape(n): v for n, v in differing.items()}
 
@@ -317,7 +316,7 @@ def adapter_config(lora_model: "GraphLoraModel", task_type: str | None = "auto")
     """The ``adapter_config.json`` content :func:`save_adapter` writes (PEFT LoraConfig fields)."""
     policy = lora_model.policy
     original = lora_model.base_model
-    mts_paths = _modules_to_save_paths(original, policy.modules_to_save)
+    mts_paths = modules_to_save_paths(original, policy.modules_to_save)
     dropout = _check_peft_can_represent(lora_model, mts_paths)
     target_modules, target_parameters = _target_fields(lora_model, mts_paths)
     names = [s.name for s in lora_model.sites]
@@ -357,9 +356,9 @@ def adapter_config(lora_model: "GraphLoraModel", task_type: str | None = "auto")
     return config
 
 
-def _numeric_record(config: dict[str, Any]) -> dict[str, Any]:
+def numeric_record(config: dict[str, Any]) -> dict[str, Any]:
     out = {}
-    for key in _NUMERIC_FIELDS:
+    for key in NUMERIC_FIELDS:
         value = config.get(key)
         if isinstance(value, (list, tuple, set)):
             value = sorted(value)
@@ -385,7 +384,7 @@ def adapter_tensors(lora_model: "GraphLoraModel") -> dict[str, torch.Tensor]:
             a, b = b.T, a.T
         out[f"{PEFT_PREFIX}{site.module}.lora_A.weight"] = a.to("cpu").contiguous().clone()
         out[f"{PEFT_PREFIX}{site.module}.lora_B.weight"] = b.to("cpu").contiguous().clone()
-    for path in _modules_to_save_paths(lora_model.base_model, lora_model.policy.modules_to_save):
+    for path in modules_to_save_paths(lora_model.base_model, lora_model.policy.modules_to_save):
         for key, value in lora_model.get_submodule(path).state_dict().items():
             out[f"{PEFT_PREFIX}{path}.{key}"] = value.detach().to("cpu").contiguous().clone()
     return out
@@ -416,7 +415,7 @@ def save_adapter(lora_model: "GraphLoraModel", directory: str | os.PathLike, ove
     metadata = {
         "format": "pt",
         META_VERSION: __version__,
-        META_CONFIG: json.dumps(_numeric_record(config), sort_keys=True),
+        META_CONFIG: json.dumps(numeric_record(config), sort_keys=True),
         META_POLICY_SHA: hashlib.sha256(policy_text.encode()).hexdigest(),
     }
     staged: dict[str, Path] = {}
@@ -548,179 +547,7 @@ def read_adapter_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict
     return tensors, metadata
 
 
-@dataclasses.dataclass
-class _Entry:
-    """One LoRA site of an adapter file."""
-
-    name: str  # graphlora site name: module path, or parameter path for target_parameters
-    owner: str  # module whose path prefixes the lora_A / lora_B keys
-    kind: str  # "linear" (target_modules) or "param" (target_parameters)
-    r: int
-    alpha: float
-    key_a: str
-    key_b: str
-
-
-@dataclasses.dataclass
-class _Plan:
-    entries: list[_Entry]
-    modules_to_save: dict[str, list[str]]  # module path -> its tensor keys
-    lora_dtype: str
-
-
-def _plan(model: torch.nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> _Plan:
-    """Which sites and tensors the adapter holds, checked against its config and the model."""
-    target_modules = config.get("target_modules")
-    target_parameters = list(config.get("target_parameters") or [])
-    mts_names = list(config.get("modules_to_save") or [])
-    rank_pattern = dict(config.get("rank_pattern") or {})
-    alpha_pattern = dict(config.get("alpha_pattern") or {})
-    modules = dict(model.named_modules())
-    linear_names = _linear_module_names(model)
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out_emb is not None:
-        linear_names -= {n for n, m in modules.items() if m is out_emb}
-
-    # modules_to_save (PEFT matching), their expected tensor keys
-    mts: dict[str, list[str]] = {}
-    for name in mts_names:
-        hits = _peft_modules_to_save_hits(model, name)
-        for hit in hits:
-            if any(_is_inside(hit, other) and hit != other for other in hits + list(mts)):
-                raise AdapterError(f"{path}: modules_to_save entry {name!r} selects nested modules ({hit} inside "
-                                   "another); graphlora cannot load that")
-            mts[hit] = [f"{PEFT_PREFIX}{hit}.{k}" for k in modules[hit].state_dict()]
-
-    # the modules PEFT would adapt, by its rules
-    expected: dict[str, _Entry] = {}
-
-    def add(name: str, owner: str, kind: str):
-        if owner in expected:
-            raise AdapterError(f"{path}: {expected[owner].name} and {name} both put LoRA on module {owner}; graphlora "
-                               "holds one adapter per module")
-        r = _peft_pattern_value(rank_pattern, name, config["r"])
-        alpha = _peft_pattern_value(alpha_pattern, name, config["lora_alpha"])
-        key = f"{PEFT_PREFIX}{owner}"
-        expected[owner] = _Entry(name, owner, kind, int(r), float(alpha), f"{key}.lora_A.weight", f"{key}.lora_B.weight")
-
-    for name, module in modules.items():
-        if not name or not _peft_targets_module(target_modules, name, linear_names):
-            continue
-        if _peft_excluded_by_modules_to_save(name, mts_names):
-            continue
-        if not isinstance(module, torch.nn.Linear):
-            raise AdapterError(f"{path}: target_modules selects {name}, a {type(module).__name__}; graphlora can put "
-                               "LoRA only on nn.Linear modules and raw parameter matmuls")
-        add(name, name, "linear")
-    for owner, module in modules.items():
-        for pname, _ in module.named_parameters(recurse=False):
-            full = f"{owner}.{pname}" if owner else pname
-            if _peft_list_match(full, target_parameters):
-                add(full, owner, "param")
-
-    # the file's keys against the expectation
-    lora_keys: dict[str, dict[str, str]] = collections.defaultdict(dict)
-    other: list[str] = []
-    for key in tensors:
-        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight", key)
-        if m:
-            lora_keys[m[1]][m[2]] = key
-        else:
-            other.append(key)
-    missing = [k for e in expected.values() for k in (e.key_a, e.key_b) if k not in tensors]
-    missing += [k for keys in mts.values() for k in keys if k not in tensors]
-    mts_keys = {k for keys in mts.values() for k in keys}
-    unexpected = sorted([k for owner, parts in lora_keys.items() if owner not in expected for k in parts.values()]
-                        + [k for k in other if k not in mts_keys])
-    if missing:
-        raise AdapterError(f"{path}: missing keys (the config's targets have no tensors): {_shorten(sorted(missing))}")
-    if unexpected:
-        raise AdapterError(f"{path}: unexpected keys (not selected by {ADAPTER_CONFIG_NAME}'s target_modules, "
-                           f"target_parameters or modules_to_save): {_shorten(unexpected)}")
-    if not expected:
-        raise AdapterError(f"{path}: the adapter's targets select no module of this model")
-
-    dtypes = set()
-    for e in expected.values():
-        a, b = tensors[e.key_a], tensors[e.key_b]
-        if a.dim() != 2 or b.dim() != 2:
-            raise AdapterError(f"{path}: {e.key_a} {list(a.shape)} and {e.key_b} {list(b.shape)} must be matrices")
-        if a.shape[0] != e.r or b.shape[1] != e.r:
-            raise AdapterError(
-                f"{path}: rank mismatch for {e.name}: {ADAPTER_CONFIG_NAME} says r={e.r}, but {e.key_a} has shape "
-                f"{list(a.shape)} (rank {a.shape[0]}) and {e.key_b} has shape {list(b.shape)} (rank {b.shape[1]})"
-            )
-        dtypes.add(a.dtype)
-        dtypes.add(b.dtype)
-    names = {v: k for k, v in LORA_DTYPES.items()}
-    lora_dtype = names.get(next(iter(dtypes))) if len(dtypes) == 1 else None
-    return _Plan(list(expected.values()), mts, lora_dtype or "float32")
-
-
-def _policy_for(plan: _Plan, config: dict[str, Any]) -> "Policy":
-    """A policy whose flags select nothing and whose rules select exactly the adapter's sites."""
-    from graphlora.policy import Policy, Rule, RuleMatch
-
-    groups: dict[tuple[int, float], list[str]] = collections.defaultdict(list)
-    for e in plan.entries:
-        groups[(e.r, e.alpha)].append(e.name)
-    rules = [
-        Rule(match=RuleMatch(name="(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"),
-             target=True, r=r, alpha=alpha, allow_unmatched=True)
-        for (r, alpha), names in sorted(groups.items())
-    ]
-    return Policy(
-        r=int(config["r"]), lora_alpha=float(config["lora_alpha"]), lora_dropout=float(config.get("lora_dropout") or 0.0),
-        use_rslora=bool(config.get("use_rslora", False)),
-        finetune_vision_layers=False, finetune_language_layers=False, finetune_attention_modules=False,
-        finetune_mlp_modules=False, finetune_projector=False, finetune_cross_attention=False,
-        modules_to_save=sorted(plan.modules_to_save) or None, lora_dtype=plan.lora_dtype, rules=rules,
-    )
-
-
-def _disagreements(lora_model: "GraphLoraModel", plan: _Plan, config: dict[str, Any]) -> list[str]:
-    """How a model rewritten with the saved policy differs from the adapter (empty: consistent)."""
-    out = []
-    sites = {s.name: s for s in lora_model.sites}
-    wanted = {e.name: e for e in plan.entries}
-    for name in sorted(set(wanted) - set(sites)):
-        out.append(f"{name} is in the adapter but not adapted")
-    for name in sorted(set(sites) - set(wanted)):
-        out.append(f"{name} is adapted but not in the adapter")
-    for name in sorted(set(sites) & set(wanted)):
-        s, e = sites[name], wanted[name]
-        if (s.r, float(s.alpha)) != (e.r, e.alpha):
-            out.append(f"{name}: r={s.r}, alpha={s.alpha} vs the adapter's r={e.r}, alpha={e.alpha}")
-    policy = lora_model.policy
-    if bool(policy.use_rslora) != bool(config.get("use_rslora", False)):
-        out.append("use_rslora differs")
-    if {s.dropout for s in lora_model.sites} - {float(config.get("lora_dropout") or 0.0)}:
-        out.append("lora_dropout differs")
-    if _modules_to_save_paths(lora_model.base_model, policy.modules_to_save) != sorted(plan.modules_to_save):
-        out.append("modules_to_save differs")
-    return out
-
-
-def _saved_policy(directory: Path, metadata: dict[str, str]) -> "Policy | None":
-    path = directory / POLICY_NAME
-    if not path.is_file():
-        return None
-    from graphlora.policy_files import parse_policy_text
-
-    text = path.read_text(encoding="utf-8")
-    sha = metadata.get(META_POLICY_SHA)
-    if sha is not None and sha != hashlib.sha256(text.encode()).hexdigest():
-        warnings.warn(f"{path} was not saved together with {ADAPTER_WEIGHTS_NAME} (edited, or an interrupted save); "
-                      "it is ignored and the policy is rebuilt from the adapter", stacklevel=3)
-        return None
-    try:
-        return parse_policy_text(text, "yaml", name=path).policy
-    except GraphLoraError as e:
-        warnings.warn(f"{path} cannot be read ({e}); the policy is rebuilt from the adapter", stacklevel=3)
-        return None
-
-
-def _check_metadata(config: dict[str, Any], metadata: dict[str, str], directory: Path) -> None:
+def check_metadata(config: dict[str, Any], metadata: dict[str, str], directory: Path) -> None:
     recorded = metadata.get(META_CONFIG)
     if recorded is None:
         return
@@ -728,120 +555,13 @@ def _check_metadata(config: dict[str, Any], metadata: dict[str, str], directory:
         recorded_fields = json.loads(recorded)
     except json.JSONDecodeError:
         raise AdapterError(f"{directory / ADAPTER_WEIGHTS_NAME}: metadata {META_CONFIG} is not JSON") from None
-    now = _numeric_record(config)
-    differ = [k for k in _NUMERIC_FIELDS if recorded_fields.get(k) != now.get(k)]
+    now = numeric_record(config)
+    differ = [k for k in NUMERIC_FIELDS if recorded_fields.get(k) != now.get(k)]
     if differ:
         raise AdapterError(
             f"{directory / ADAPTER_CONFIG_NAME} does not belong with {directory / ADAPTER_WEIGHTS_NAME}: they were not "
             f"saved together (an interrupted save, or an edit): {', '.join(differ)} differ"
         )
-
-
-def _copy_in(lora_model: "GraphLoraModel", plan: _Plan, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    sites = {s.name: s for s in lora_model.sites}
-    with torch.no_grad():
-        for e in plan.entries:
-            site = sites.get(e.name)
-            if site is None:
-                continue  # dropped (unreachable, zero B); warned about
-            module = lora_model.get_submodule(site.module)
-            target_a, target_b = module.lora_A.weight, module.lora_B.weight
-            transposed = site.kind != "linear" and site.weight_layout == "in_out"
-            # The shapes the file must hold (PEFT's layout) for this site.
-            want = {e.key_a: tuple(target_b.T.shape if transposed else target_a.shape),
-                    e.key_b: tuple(target_a.T.shape if transposed else target_b.shape)}
-            for key, shape in want.items():
-                if tuple(tensors[key].shape) != shape:
-                    raise AdapterError(f"{path}: {key} has shape {list(tensors[key].shape)}, but {site.name} of this "
-                                       f"model needs {list(shape)}")
-            a, b = tensors[e.key_a], tensors[e.key_b]
-            if transposed:
-                a, b = b.T, a.T
-            target_a.copy_(a)
-            target_b.copy_(b)
-        for mpath, keys in plan.modules_to_save.items():
-            state = lora_model.get_submodule(mpath).state_dict(keep_vars=True)
-            for key in keys:
-                local = key[len(PEFT_PREFIX) + len(mpath) + 1:]
-                target = state[local]
-                if tuple(tensors[key].shape) != tuple(target.shape):
-                    raise AdapterError(f"{path}: {key} has shape {list(tensors[key].shape)}, but the model's "
-                                       f"{mpath}.{local} is {list(target.shape)}")
-                target.data.copy_(tensors[key])
-
-
-def _check_sites(lora_model: "GraphLoraModel", plan: _Plan, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Every adapter module must be a site of the rewritten model, of the right kind."""
-    sites = {s.name: s for s in lora_model.sites}
-    skipped = {s.name: s for s in lora_model.skipped_sites}
-    dropped = []
-    for e in plan.entries:
-        site = sites.get(e.name)
-        if site is None:
-            if e.name in skipped:
-                reason = skipped[e.name].reason
-                if "never reaches" in reason and not tensors[e.key_b].any():
-                    dropped.append(e.name)  # no effect on any output, and B = 0: dropping it is exact
-                    continue
-                raise AdapterError(f"{path}: the adapter has LoRA for {e.name}, which graphlora cannot adapt: {reason}")
-            raise AdapterError(f"{path}: the adapter has LoRA for {e.name}, which the traced graph does not use as a "
-                               "matmul weight (not called for these example inputs, or not a linear/matmul)")
-        if (site.kind == "linear") != (e.kind == "linear"):
-            raise AdapterError(f"{path}: {e.name} is a {site.kind} site in graphlora but a "
-                               f"{'target_modules' if e.kind == 'linear' else 'target_parameters'} entry in the adapter")
-        if (site.r, float(site.alpha)) != (e.r, e.alpha):  # pragma: no cover - the policy sets them
-            raise AdapterError(f"{path}: {e.name} got r={site.r}, alpha={site.alpha}; the adapter says r={e.r}, alpha={e.alpha}")
-    extra = sorted(set(sites) - {e.name for e in plan.entries})
-    if extra:  # pragma: no cover - the policy selects by exact name
-        raise AdapterError(f"{path}: the rewrite adapted {_shorten(extra)}, which the adapter does not hold")
-    if dropped:
-        warnings.warn(f"{path}: LoRA for {_shorten(dropped)} is left out: those modules never reach the model's "
-                      "outputs and their lora_B is zero, so the outputs are unchanged", stacklevel=3)
-
-
-def load_adapter(model: torch.nn.Module, directory: str | os.PathLike, example_inputs: dict[str, Any] | None = None,
-                 **rewrite_kwargs: Any) -> "GraphLoraModel":
-    """Rewrite ``model`` with the LoRA adapter saved in ``directory`` (by graphlora or by PEFT) and load it.
-
-    The sites are exactly the adapter's modules with their ranks and alphas; ``graphlora_policy.yaml`` is
-    used when present and consistent with the adapter (else a policy is built from ``adapter_config.json``).
-    ``example_inputs`` and ``rewrite_kwargs`` go to :func:`graphlora.rewrite`. Errors name the file and keys.
-    """
-    from graphlora.model import GraphLoraModel
-    from graphlora.rewriter import rewrite
-
-    if isinstance(model, GraphLoraModel):
-        raise AdapterError("load_adapter() takes the original model, not a GraphLoraModel (use lora_model.base_model)")
-    if "policy" in rewrite_kwargs:
-        raise TypeError("load_adapter() builds the policy from the adapter; do not pass policy=")
-    directory = Path(directory)
-    config = read_adapter_config(directory)
-    check_adapter_config(config, str(directory / ADAPTER_CONFIG_NAME))
-    tensors, metadata = read_adapter_tensors(directory)
-    _check_metadata(config, metadata, directory)
-    weights_path = directory / ADAPTER_WEIGHTS_NAME
-    plan = _plan(model, config, tensors, weights_path)
-
-    lora_model = None
-    saved = _saved_policy(directory, metadata)
-    if saved is not None:
-        try:
-            candidate = rewrite(model, saved, example_inputs, **rewrite_kwargs)
-        except GraphLoraError as e:
-            warnings.warn(f"{directory / POLICY_NAME} does not apply to this model ({e}); the policy is rebuilt from "
-                          "the adapter", stacklevel=2)
-        else:
-            problems = _disagreements(candidate, plan, config)
-            if problems:
-                warnings.warn(f"{directory / POLICY_NAME} does not select the adapter's sites ({_shorten(problems, 3)}); "
-                              "the policy is rebuilt from the adapter", stacklevel=2)
-            else:
-                lora_model = candidate
-    if lora_model is None:
-        lora_model = rewrite(model, _policy_for(plan, config), example_inputs, **rewrite_kwargs)
-    _check_sites(lora_model, plan, tensors, weights_path)
-    _copy_in(lora_model, plan, tensors, weights_path)
-    return lora_model
 
 
 def load_adapter_weights(lora_model: "GraphLoraModel", directory: str | os.PathLike) -> None:
@@ -857,12 +577,12 @@ def load_adapter_weights(lora_model: "GraphLoraModel", directory: str | os.PathL
     config = read_adapter_config(directory)
     check_adapter_config(config, str(directory / ADAPTER_CONFIG_NAME))
     tensors, metadata = read_adapter_tensors(directory)
-    _check_metadata(config, metadata, directory)
-    saved, ours = _numeric_record(config), _numeric_record(adapter_config(lora_model, task_type=None))
-    differ = [k for k in _NUMERIC_FIELDS if saved.get(k) != ours.get(k)]
+    check_metadata(config, metadata, directory)
+    saved, ours = numeric_record(config), numeric_record(adapter_config(lora_model, task_type=None))
+    differ = [k for k in NUMERIC_FIELDS if saved.get(k) != ours.get(k)]
     if differ:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, model {ours.get(k)!r}" for k in differ[:3])
-        raise AdapterError(f"{directory / ADAPTER_CONFIG_NAME} is not this model's adapter ({_shorten(differ)} differ: "
+        raise AdapterError(f"{directory / ADAPTER_CONFIG_NAME} is not this model's adapter ({shorten(differ)} differ: "
                            f"{detail}); load it with graphlora.load_adapter(original_model, directory) instead")
     # key -> (live tensor, transposed?) in PEFT's keys and layouts, as adapter_tensors writes them.
     targets: dict[str, tuple[torch.Tensor, bool]] = {}
@@ -875,7 +595,7 @@ def load_adapter_weights(lora_model: "GraphLoraModel", directory: str | os.PathL
         else:
             targets[f"{PEFT_PREFIX}{site.module}.lora_A.weight"] = (a, False)
             targets[f"{PEFT_PREFIX}{site.module}.lora_B.weight"] = (b, False)
-    for path in _modules_to_save_paths(lora_model.base_model, lora_model.policy.modules_to_save):
+    for path in modules_to_save_paths(lora_model.base_model, lora_model.policy.modules_to_save):
         for key, value in lora_model.get_submodule(path).state_dict(keep_vars=True).items():
             targets[f"{PEFT_PREFIX}{path}.{key}"] = (value, False)
     weights = directory / ADAPTER_WEIGHTS_NAME
@@ -886,11 +606,11 @@ def load_adapter_weights(lora_model: "GraphLoraModel", directory: str | os.PathL
              for k, shape in shapes.items() if k in tensors and tuple(tensors[k].shape) != shape]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} key(s): {_shorten(missing, 4)}")
+        problems.append(f"missing {len(missing)} key(s): {shorten(missing, 4)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} key(s) this model does not have: {_shorten(unexpected, 4)}")
+        problems.append(f"{len(unexpected)} key(s) this model does not have: {shorten(unexpected, 4)}")
     if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es): {_shorten(wrong, 4)}")
+        problems.append(f"{len(wrong)} shape mismatch(es): {shorten(wrong, 4)}")
     if problems:
         raise AdapterError(f"{weights} does not fit this model: " + "; ".join(problems))
     with torch.no_grad():
@@ -911,7 +631,7 @@ class MergeState:
 
 
 def _merge_state(lora_model: "GraphLoraModel") -> MergeState | None:
-    return lora_model.__dict__.get("_merge_state")
+    return lora_model.merge_state
 
 
 def is_merged(lora_model: "GraphLoraModel") -> bool:
@@ -938,7 +658,7 @@ def merge(lora_model: "GraphLoraModel") -> None:
     if is_merged(lora_model):
         warnings.warn("merge(): the adapter is already merged; nothing to do", stacklevel=3)
         return
-    if not lora_model._adapters_enabled:
+    if not lora_model.adapters_enabled:
         raise AdapterError("merge() inside disable_adapter(): leave the block first")
     tied = _tied_names(lora_model)
     todo = []
@@ -961,8 +681,8 @@ def merge(lora_model: "GraphLoraModel") -> None:
             for name, original in originals.items():
                 lora_model.get_parameter(name).copy_(original)
             raise
-    lora_model.__dict__["_merge_state"] = MergeState(originals, lora_model._adapters_enabled)
-    lora_model._adapters_enabled = False  # run the programs traced without the LoRA branch
+    lora_model.merge_state = MergeState(originals, lora_model.adapters_enabled)
+    lora_model.adapters_enabled = False  # run the programs traced without the LoRA branch
 
 
 def unmerge(lora_model: "GraphLoraModel") -> None:
@@ -979,8 +699,8 @@ def unmerge(lora_model: "GraphLoraModel") -> None:
                                    f"{list(weight.shape)})")
             # After .to(dtype/device) the saved copy is converted the same way the weight was.
             weight.copy_(original.to(device=weight.device, dtype=weight.dtype))
-    del lora_model.__dict__["_merge_state"]
-    lora_model._adapters_enabled = state.adapters_enabled
+    lora_model.merge_state = None
+    lora_model.adapters_enabled = state.adapters_enabled
 
 
 # =====================================================================================================
@@ -991,7 +711,7 @@ def merged_state_dict(lora_model: "GraphLoraModel") -> dict[str, torch.Tensor]:
     in place of the originals; merged tensors are new (the live model is not touched)."""
     original = lora_model.base_model
     state = original.state_dict()
-    for path in _modules_to_save_paths(original, lora_model.policy.modules_to_save):
+    for path in modules_to_save_paths(original, lora_model.policy.modules_to_save):
         for key, value in lora_model.get_submodule(path).state_dict().items():
             full = f"{path}.{key}"
             if full in state:
@@ -1072,7 +792,7 @@ __all__ = [
     "adapter_config",
     "check_adapter_config",
     "is_merged",
-    "load_adapter",
+    "load_adapter_weights",
     "merge",
     "merged_state_dict",
     "save_adapter",

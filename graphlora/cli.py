@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from graphlora.dump import add_dump_parser
 
-    add_dump_parser(sub)
+    add_dump_parser(sub, MODEL_SPEC_HELP)
     return parser
 
 

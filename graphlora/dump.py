@@ -27,11 +27,8 @@ import collections
 import dataclasses
 import difflib
 import fnmatch
-import importlib
-import inspect
 import json
 import os
-import pkgutil
 import shutil
 import subprocess
 import sys
@@ -44,6 +41,7 @@ import torch.fx
 
 from graphlora.errors import GraphLoraError
 from graphlora.labels import COMPONENTS, ROLES
+from graphlora.pipeline import EXPORT_STAGE, RECORD_STAGE, STAGES
 
 __all__ = [
     "FORMATS",
@@ -403,7 +401,7 @@ class _Recorder:
                 k += 1
             name = f"{name}_{k}"
         nodes = _snapshot(gm)
-        trace = (self.stages[-1].trace if self.stages else 0) + (stage == "export")
+        trace = (self.stages[-1].trace if self.stages else 0) + (stage in (EXPORT_STAGE, RECORD_STAGE))
         self.stages.append(Stage(len(self.stages), name, seconds, len(nodes), nodes, max(trace, 1)))
         self.graphs[self.stages[-1].trace] = gm
         _say(self.progress, f"{name}: {seconds:.1f} s ({len(nodes)} nodes)")
@@ -509,6 +507,9 @@ class _GraphFacts:
         self.fusion: dict[str, Any] = {}
         for t in traced:
             self.fusion.update(t.gm.meta.get("graphlora.fusion") or {})
+        if str(getattr(lora_model, "trace_mode", "")) == "blocks":
+            # The analysis graph has no LoRA branches: each site's fusion is its block program's (or its glue's).
+            self.fusion.update(lora_model.fusion_report())
         site_names = {s.name for s in lora_model.sites}
         skipped = {s.name: s.reason for s in lora_model.skipped_sites}
         self.site_labels: dict[str, tuple[str, str, int | None]] = {}
@@ -895,25 +896,8 @@ def _run_graphviz(dot_text: str, timeout: float = 120.0) -> str | None:
 
 
 def available_stages() -> list[str]:
-    """``export`` and the name of every pass graphlora ships (``--after`` accepts these)."""
-    from torch.fx.passes.infra.pass_base import PassBase
-
-    names = ["export"]
-    try:
-        package = importlib.import_module("graphlora.passes")
-    except ImportError:  # pragma: no cover
-        return names
-    for info in pkgutil.iter_modules(package.__path__):
-        try:
-            module = importlib.import_module(f"graphlora.passes.{info.name}")
-        except Exception:  # noqa: BLE001 - a pass module under construction must not break dumps
-            continue
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, PassBase) and value.__module__ == module.__name__:
-                name = getattr(value, "name", None) or value.__name__
-                if isinstance(name, str) and name not in names:
-                    names.append(name)
-    return names
+    """``record``, ``export`` and the name of every pass of the pipeline, in order (``--after`` accepts these)."""
+    return list(STAGES)
 
 
 # =============================================================================================
@@ -1012,8 +996,8 @@ def _output_tensors(out: Any) -> dict[str, torch.Tensor]:
 
 def _verify_against_eager(model: torch.nn.Module, lora_model, inputs: Mapping[str, Any]) -> tuple[str, dict]:
     """Run the rewritten program (LoRA B = 0) and the original model on the same batch and compare."""
-    observer = getattr(lora_model, "_observer", None)
-    lora_model._observer = None  # a re-trace here is not part of the dump
+    observer = lora_model.observer
+    lora_model.observer = None  # a re-trace here is not part of the dump
     try:
         with torch.no_grad():
             graph_out = _output_tensors(lora_model(**inputs))
@@ -1021,7 +1005,7 @@ def _verify_against_eager(model: torch.nn.Module, lora_model, inputs: Mapping[st
     except Exception as e:  # noqa: BLE001 - report, do not fail the dump
         return f"verification against eager failed to run: {type(e).__name__}: {_first_line(e)}", {}
     finally:
-        lora_model._observer = observer
+        lora_model.observer = observer
     details: dict[str, Any] = {}
     ok = True
     for key in eager_out:
@@ -1303,10 +1287,8 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_dump_parser(subparsers: "argparse._SubParsersAction") -> None:
-    """Register the ``graphlora dump`` command."""
-    from graphlora.cli import MODEL_SPEC_HELP
-
+def add_dump_parser(subparsers: "argparse._SubParsersAction", model_spec_help: str = "MODEL SPEC") -> None:
+    """Register the ``graphlora dump`` command (``model_spec_help``: the command line's help for a MODEL SPEC)."""
     p = subparsers.add_parser(
         "dump", help="write the graph after every pass, a component map and an HTML report",
         description="Rewrite MODEL under a policy and write the graph at every stage (text + diffs), a map "
@@ -1314,7 +1296,7 @@ def add_dump_parser(subparsers: "argparse._SubParsersAction") -> None:
                     "page. A config directory is built and traced on the meta device (no weights). "
                     "See docs/dump.md.",
     )
-    p.add_argument("model", help=MODEL_SPEC_HELP)
+    p.add_argument("model", help=model_spec_help)
     p.add_argument("--policy", default=None,
                    help="policy file (YAML or TOML) or preset name; default: the default policy")
     p.add_argument("--out", default="graphlora-dump", help="output directory (default: ./graphlora-dump)")
@@ -1330,6 +1312,7 @@ def add_dump_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="do not compare the rewritten program with the original model")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--trace-mode", default="auto", choices=("auto", "whole", "regional", "blocks"),
-                   help="how to trace (see docs/tracing.md); regional/blocks dump one trace per region")
+    p.add_argument("--trace-mode", default="auto", choices=("auto", "blocks", "whole", "whole_or_regional", "regional"),
+                   help="how to trace (see docs/tracing.md); blocks dumps the analysis recording and one trace per "
+                        "block class, regional one trace per region")
     p.set_defaults(func=_cmd_dump)

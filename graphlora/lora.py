@@ -139,3 +139,61 @@ def eager_lora_hooks(root: torch.nn.Module, sites: list[Site]) -> Iterator[None]
         for owner, attr, weight in reversed(swapped):
             owner.__dict__.pop(attr, None)
             owner._parameters[attr] = weight
+
+
+_FUSABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_SEED_HIGH = 2**31 - 1
+_GLUE_FUSED = {"fused": True, "reason": "glue: module-level LoRA with the fused op"}
+
+
+class GlueLoraForward:
+    """``forward`` of an adapted ``nn.Linear`` that runs eagerly (glue between block programs).
+
+    Installed on the mirror's module object (its hooks still run around it). With the adapters on it
+    computes ``W x + b + s B A dropout(x)`` with the fused ``graphlora::lora_linear`` op (the op the
+    programs use: Triton on CUDA), or, where the op does not apply (autocast on, an unsupported dtype),
+    the same sum with plain torch ops as PEFT does; with the adapters off (``disable_adapter()``, merged)
+    the plain linear.
+    """
+
+    def __init__(self, module: torch.nn.Linear, scale: float, dropout: float, switch: AdapterSwitch):
+        self.module = module
+        self.scale = scale
+        self.dropout = dropout
+        self.switch = switch
+        #: How the last call with the adapters on ran: ``{"fused": bool, "reason": str}`` (fusion_report()).
+        self.last = _GLUE_FUSED
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if not self.switch.enabled:
+            return F.linear(x, m.weight, m.bias)
+        a, b = m.lora_A.weight, m.lora_B.weight
+        p = self.dropout if m.training else 0.0
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype in _FUSABLE_DTYPES and not autocast:
+            import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
+
+            seed = torch.randint(0, _SEED_HIGH, [1], dtype=torch.int64, device=x.device) if p > 0 else None
+            self.last = _GLUE_FUSED
+            return torch.ops.graphlora.lora_linear(x, m.weight, m.bias, a, b, self.scale, p, seed)
+        self.last = {"fused": False, "reason": "autocast is on: the fused op has no autocast rule, so the unfused "
+                                               "branch runs" if autocast else f"x has dtype {x.dtype}"}
+        result = F.linear(x, m.weight, m.bias)
+        h = F.dropout(x.to(a.dtype), p, m.training)
+        return (result + F.linear(F.linear(h, a), b) * self.scale).to(result.dtype)
+
+
+@dataclasses.dataclass
+class SiteTable:
+    """The whole-model site table every program of a rewritten model reads.
+
+    ``labels`` / ``decisions``: per labelled matmul (site name) its labels and the policy's decision,
+    from the whole-model analysis; ``towers``: blocks per tower; ``branches``: per adapted site, what
+    the insertion pass needs (scale, dropout, LoRA parameter names).
+    """
+
+    labels: dict = dataclasses.field(default_factory=dict)
+    decisions: dict = dataclasses.field(default_factory=dict)
+    towers: dict = dataclasses.field(default_factory=dict)
+    branches: dict = dataclasses.field(default_factory=dict)

@@ -25,8 +25,7 @@ import hashlib
 import json
 import math
 import re
-from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -198,23 +197,3 @@ class Policy(_Strict):
     def digest(self) -> str:
         """sha256 of :meth:`canonical_json`: identifies the policy a model was rewritten with."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
-
-
-def as_policy(policy: "Policy | dict[str, Any] | str | Path | None") -> Policy:
-    """Accept a Policy, a dict of its fields, a path to a policy file, or None (the defaults)."""
-    if policy is None:
-        return Policy()
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, dict):
-        return Policy.model_validate(policy)
-    if isinstance(policy, (str, Path)):
-        return load_policy(policy)
-    raise TypeError(f"policy must be a Policy, a dict, or a path to a policy file, not {type(policy).__name__}")
-
-
-def load_policy(path: str | Path) -> Policy:
-    """Read a policy file (YAML or TOML). See docs/policy.md for the format."""
-    from graphlora.policy_files import load_policy_file
-
-    return load_policy_file(path)

@@ -50,6 +50,8 @@ __all__ = [
     "PolicyIssue",
     "PolicyFileError",
     "PolicySource",
+    "as_policy",
+    "load_policy",
     "load_policy_file",
     "load_policy_source",
     "parse_policy_text",
@@ -1400,3 +1402,21 @@ def format_site_diff(before: Iterable[Any], after: Iterable[Any], labels: tuple[
 
 if __name__ == "__main__":  # python -m graphlora.policy_files: regenerate the shipped JSON Schema
     print(write_policy_schema())
+
+
+def as_policy(policy: "Policy | dict[str, Any] | str | Path | None") -> Policy:
+    """Accept a Policy, a dict of its fields, a path to a policy file, or None (the defaults)."""
+    if policy is None:
+        return Policy()
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, dict):
+        return Policy.model_validate(policy)
+    if isinstance(policy, (str, Path)):
+        return load_policy(policy)
+    raise TypeError(f"policy must be a Policy, a dict, or a path to a policy file, not {type(policy).__name__}")
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read a policy file (YAML or TOML). See docs/policy.md for the format."""
+    return load_policy_file(path)

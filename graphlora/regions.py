@@ -32,9 +32,11 @@ class CapturedCall:
     order: int  # position of the module's first call among all module calls
 
 
-def capture_calls(root: torch.nn.Module, call: dict[str, Any]) -> dict[str, CapturedCall]:
-    """Run ``root(**call)`` eagerly (no grad) and record each module's first call."""
+def capture_calls(root: torch.nn.Module, call: dict[str, Any], only=None) -> dict[str, CapturedCall]:
+    """Run ``root(**call)`` eagerly (no grad) and record each module's first call (of the modules in
+    ``only``, when given)."""
     captured: dict[str, CapturedCall] = {}
+    wanted = set(only) if only is not None else None
     handles = []
 
     def hook(path):
@@ -44,7 +46,7 @@ def capture_calls(root: torch.nn.Module, call: dict[str, Any]) -> dict[str, Capt
         return record
 
     for path, module in root.named_modules():
-        if path:
+        if path and (wanted is None or path in wanted):
             handles.append(module.register_forward_pre_hook(hook(path), with_kwargs=True))
     try:
         with torch.no_grad():
@@ -148,15 +150,4 @@ def unreachable_modules(root: torch.nn.Module, call: dict[str, Any], paths: list
     return {path for path, g in zip(probes, grads) if g is None}
 
 
-class RegionRunner:
-    """Installed as ``forward`` of a region module of the mirror; serves calls with traced programs."""
-
-    def __init__(self, owner: "torch.nn.Module", path: str):
-        self.owner = owner
-        self.path = path
-
-    def __call__(self, *args, **kwargs):
-        return self.owner._run_region(self.path, args, kwargs)
-
-
-__all__ = ["CapturedCall", "RegionRunner", "capture_calls", "call_as_kwargs", "name_labels", "Component", "Role"]
+__all__ = ["CapturedCall", "capture_calls", "call_as_kwargs", "name_labels", "Component", "Role"]

@@ -11,7 +11,8 @@ import torch
 from graphlora.errors import GraphLoraError, PolicyError
 from graphlora.mirror import mirror_module
 from graphlora.model import GraphLoraModel
-from graphlora.policy import Policy, as_policy
+from graphlora.policy import Policy
+from graphlora.policy_files import as_policy
 from graphlora.quantized import check_no_quantized_layers
 
 
@@ -73,11 +74,15 @@ def rewrite(
     reported in ``lora_model.regions`` / ``lora_model.verification``; ``verify="strict"`` raises
     :class:`TraceMismatchError` instead; ``False`` skips it (it is also skipped on the meta device).
 
-    ``trace_mode``: ``"auto"`` (the whole forward, after the family's prologue; regions when that
-    fails or differs), ``"whole"`` (fail instead of falling back) or ``"regional"``.
+    ``trace_mode`` (docs/tracing.md): ``"auto"`` (the default: ``"blocks"`` when the model has repeated
+    blocks, else ``"whole_or_regional"``); ``"blocks"`` (one program per block class, dynamic in batch,
+    text and image size; the glue runs eagerly with module-level LoRA); ``"whole"`` (one program for the
+    whole forward, after the family's prologue; fail instead of falling back); ``"whole_or_regional"``
+    (whole, falling back to regions when that fails or differs); ``"regional"``.
 
-    ``observer(stage, graph_module)``, when given, is called after export (stage ``"export"``) and
-    after every pass of every trace, e.g. to dump the graph at each stage.
+    ``observer(stage, graph_module)``, when given, is called at the first stage of every graph (``"record"``
+    for the eager analysis recording, ``"export"`` for a trace) and after every pass, e.g. to dump the graph
+    at each stage.
 
     The model's parameters are frozen and shared with the returned :class:`GraphLoraModel`, whose only
     trainable parameters are the LoRA matrices (and copies of ``policy.modules_to_save``).
@@ -106,11 +111,10 @@ def rewrite(
             where = source.locate(e.key_path) if source is not None else None
             raise PolicyError(f"{where}: {e}" if where else str(e), key_path=e.key_path) from None
     lora_model = GraphLoraModel(model, mirror, policy, cache_size=cache_size, fuse=fuse, compile=compile)
-    lora_model._observer = observer
-    # The first call traces the model, decides the sites and creates the LoRA parameters.
+    lora_model.observer = observer
+    # The planner analyses the model, decides the sites, creates the LoRA parameters and traces.
     try:
-        lora_model._setup(example_inputs, verify=verify, trace_mode=trace_mode)
-        lora_model._adopting = False
+        lora_model.planner.setup(example_inputs, verify=verify, trace_mode=trace_mode)
     except PolicyError as e:
         where = source.locate(e.key_path) if source is not None and e.key_path else None
         if where is None:

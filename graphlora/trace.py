@@ -190,6 +190,41 @@ def default_dynamic_shapes(tensors: dict[str, Any], length: int | None = None) -
     return {name: pytree.tree_map(lambda t, n=name: spec(n, t), value) for name, value in tensors.items()}
 
 
+def every_dimension_dynamic(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Dynamic-shape spec of a block program: ``Dim.AUTO`` on every dimension whose example size is >= 2.
+
+    A block (decoder layer, vision block) sees batch, sequence and patch dimensions that all vary
+    with the data. A dimension of size 1 in the example stays static: in an example whose batch size is
+    at least 2 it is a broadcast dimension (a mask's head dimension, positions shared by the batch),
+    which must stay 1 for the broadcasts in the graph to mean what they meant in eager.
+    """
+    def spec(t: torch.Tensor):
+        dims = {i: Dim.AUTO for i, size in enumerate(t.shape) if size >= 2}
+        return dims or None
+
+    return {name: pytree.tree_map(spec, value) for name, value in tensors.items()}
+
+
+@contextlib.contextmanager
+def _size_oblivious(enabled: bool):
+    """Trace dynamic dimensions size-obliviously: export assumes a symbolic size is not 1 when it decides a
+    broadcast (as it does anyway) but does not specialise the program to sizes >= 2, so a batch of one
+    sample (or one image) runs through the same program."""
+    if not enabled:
+        yield
+        return
+    try:
+        import torch.fx.experimental._config as fx_config
+    except ImportError:  # pragma: no cover - a torch without the option: size-1 batches retrace
+        yield
+        return
+    if not hasattr(fx_config, "backed_size_oblivious"):  # pragma: no cover
+        yield
+        return
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
 def _user_frame(tb) -> traceback.FrameSummary | None:
     """The innermost traceback frame outside torch and graphlora: the model's failing line."""
     torch_dir = os.path.dirname(torch.__file__)
@@ -309,21 +344,27 @@ def export_call(
     dynamic: bool = True,
     text_len: int | None = None,
     class_forward: bool = False,
+    every_dimension: bool = False,
 ) -> ExportedProgram:
     """torch.export (non-strict, training IR) of ``model(**tensors, **constants)``.
 
     ``text_len``: for a region (a submodule traced alone), the text length of the model call (see
     :func:`default_dynamic_shapes`). ``class_forward``: call the class ``forward`` (regions: their
     instance ``forward`` is a runner, and their own hooks run around the runner, not in the trace).
+    ``every_dimension``: block programs: every dimension that can vary is dynamic
+    (:func:`every_dimension_dynamic`), traced size-obliviously so that a later size of 1 is accepted.
     """
     names = tuple(sorted(tensors))
     wrapper = _make_export_wrapper(model, names, constants, class_forward=class_forward)
     kwargs = {n: tensors[n] for n in names}
-    dynamic_shapes = default_dynamic_shapes(kwargs, text_len) if dynamic else None
+    if every_dimension:
+        dynamic_shapes = every_dimension_dynamic(kwargs)
+    else:
+        dynamic_shapes = default_dynamic_shapes(kwargs, text_len) if dynamic else None
     stderr = io.StringIO()  # torch prints the partial graph of a failed export to stderr
     try:
         with _quiet_export_logs(), _no_output_collector(), _keep_output_capture_marks(model), \
-                contextlib.redirect_stderr(stderr):
+                _size_oblivious(every_dimension), contextlib.redirect_stderr(stderr):
             ep = torch.export.export(wrapper, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except GraphLoraError:
         raise
@@ -333,6 +374,26 @@ def export_call(
         raise error from e
     sys.stderr.write(stderr.getvalue())
     return ep
+
+
+def record_loss_outputs(gm: torch.fx.GraphModule, out_spec: pytree.TreeSpec) -> None:
+    """Which flat outputs carry the training signal: ``loss`` if present, else ``logits``."""
+    context = out_spec.context
+    if isinstance(context, (list, tuple)) and all(isinstance(k, str) for k in context):
+        offset = 0
+        ranges = {}
+        children = out_spec.children() if hasattr(out_spec, "children") else out_spec.children_specs
+        for name, child in zip(context, children):
+            ranges[name] = range(offset, offset + child.num_leaves)
+            offset += child.num_leaves
+        if "logits" in ranges:
+            gm.meta["graphlora.logits_outputs"] = list(ranges["logits"])
+        for name in ("loss", "logits"):
+            if name in ranges:
+                gm.meta["graphlora.loss_outputs"] = list(ranges[name])
+                gm.meta["graphlora.loss_output_names"] = f"`{name}`"
+                return
+    gm.meta["graphlora.loss_outputs"] = None
 
 
 # ---------------------------------------------------------------------------------------------

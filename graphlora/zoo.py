@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_TINY_MODEL",
     "TinyLlama4ForConditionalGeneration",
     "build_tiny_config",
+    "deepen_config",
     "build_tiny_model",
     "revive_zero_parameters",
     "tiny_example_inputs",
@@ -451,9 +452,53 @@ def _set_init_std(config, std: float) -> None:
             _set_init_std(sub, std)
 
 
-def build_tiny_config(name: str):
-    """The transformers config of a tiny model (fresh object; sdpa attention)."""
+def _repeat_pattern(values: list, n: int) -> list:
+    return [values[i % len(values)] for i in range(n)]
+
+
+def deepen_config(config, layers: int) -> None:
+    """Give a tiny config ``layers`` layers per tower, keeping each family's layer pattern.
+
+    Decoder: ``num_hidden_layers`` (Gemma 3 / Cohere 2 ``layer_types`` repeated, Mllama a cross-attention
+    layer every fourth layer). Vision tower: ``num_hidden_layers`` or ``depth`` (Qwen2.5-VL full attention
+    every fourth block, Qwen3-VL deepstack taps every third, Mllama a global layer per four local ones and an
+    intermediate tap every fourth).
+    """
+    if layers < 1:
+        raise ValueError("layers must be >= 1")
+    text = getattr(config, "text_config", None)
+    vision = getattr(config, "vision_config", None)
+    if text is not None:
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = _repeat_pattern(list(text.layer_types), layers)
+        if getattr(text, "cross_attention_layers", None) is not None:
+            text.cross_attention_layers = list(range(min(1, layers - 1), layers, 4))
+        if getattr(text, "no_rope_layers", None):
+            text.no_rope_layers = _repeat_pattern(list(text.no_rope_layers), layers)
+        if getattr(text, "moe_layers", None) is not None:
+            text.moe_layers = [i for i in range(layers) if i % 2 == 1]
+    if vision is not None:
+        for key in ("num_hidden_layers", "depth"):
+            if hasattr(vision, key):
+                setattr(vision, key, layers)
+        if getattr(vision, "fullatt_block_indexes", None) is not None:
+            vision.fullatt_block_indexes = list(range(3, layers, 4)) or [layers - 1]
+        if getattr(vision, "deepstack_visual_indexes", None) is not None:
+            vision.deepstack_visual_indexes = list(range(0, layers, 3))
+        if getattr(vision, "num_global_layers", None) is not None:
+            vision.num_global_layers = max(1, layers // 4)
+        if getattr(vision, "intermediate_layers_indices", None) is not None:
+            vision.intermediate_layers_indices = list(range(min(1, layers - 1), layers, 4))
+            vision.vision_output_dim = vision.hidden_size * (1 + len(vision.intermediate_layers_indices))
+
+
+def build_tiny_config(name: str, *, layers: int | None = None):
+    """The transformers config of a tiny model (fresh object; sdpa attention); ``layers``: layers per
+    tower instead of the default 2 (see :func:`deepen_config`)."""
     config = _entry(name)[1]()
+    if layers is not None:
+        deepen_config(config, layers)
     config._attn_implementation = ATTN
     _set_init_std(config, TINY_INIT_STD)
     return config
@@ -464,12 +509,12 @@ def _model_class(name: str) -> type:
     return globals().get(cls_name) or getattr(transformers, cls_name)
 
 
-def build_tiny_model(name: str, *, seed: int = 0) -> torch.nn.Module:
+def build_tiny_model(name: str, *, seed: int = 0, layers: int | None = None) -> torch.nn.Module:
     """A tiny model with random fp32 weights in eval() mode; same seed -> same weights.
 
-    The global RNG state is left untouched.
+    ``layers``: layers per tower (default: the family's tiny config). The global RNG state is left untouched.
     """
-    config = build_tiny_config(name)
+    config = build_tiny_config(name, layers=layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _model_class(name)(config)

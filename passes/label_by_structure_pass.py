@@ -15,13 +15,15 @@ Rules (graphlora/structure.py has the analyses):
   in its tower's execution order (Mllama's local then global vision stacks: one sequence);
 * inside a language block, a projection that reads pixels but not tokens is a cross-attention key or
   value: every matmul of the attention module that holds it is ``cross_attention``;
-* pixel-only matmuls outside blocks are ``projector`` when downstream of a vision block (between the
-  encoder and the merge into the text stream), ``vision`` before the blocks (patch embeddings);
+* pixel-only matmuls outside blocks are ``projector`` when downstream of a vision block and upstream of
+  the text stream (between the encoder and the merge), ``vision`` otherwise (patch embeddings before the
+  blocks; a pooling head whose result never meets the text);
 * the matmul(s) that produce ``logits`` with no other matmul in between are the ``head``;
 * roles: projections feeding an attention core's q/k/v (``scaled_dot_product_attention`` or eager
   ``q k^T -> softmax -> v``) are q/k/v (qkv when several), the one fed by its output is o; inside a
   block, a projection fed by others through activations/products is ``mlp.down``, its feeders
-  ``mlp.gate`` (the activated one), ``mlp.up`` or ``mlp.gate_up`` (one output split in two halves).
+  ``mlp.gate`` (the activated one), ``mlp.up`` or ``mlp.gate_up`` (one output split in two halves);
+  vision and language matmuls outside the blocks get the MLP roles their module's wiring gives.
 
 Guarantees: every trainable matmul carries labels.
 """
@@ -95,6 +97,7 @@ class LabelByStructurePass(PassBase):
             if blk and list_kind.get(blk[0]) == structure.TEXT and structure.IMAGE in d and structure.TEXT not in d:
                 cross_modules.add(m.module.rsplit(".", 1)[0])
 
+        meets_text = _reaches(graph, {n for n, d in deps.items() if structure.TEXT in d})
         components: dict[torch.fx.Node, Component] = {}
         for m in matmuls:
             blk = blocks[m.node]
@@ -111,7 +114,10 @@ class LabelByStructurePass(PassBase):
             elif structure.TEXT in d:
                 comp = Component.LANGUAGE
             elif structure.IMAGE in d:
-                comp = Component.PROJECTOR if m.node in after_vision else Component.VISION
+                # Between the vision blocks and the text stream: a projector. Downstream of the blocks but never
+                # meeting the text (a pooling head whose result is discarded): still the vision model.
+                projects = m.node in after_vision and m.node in meets_text
+                comp = Component.PROJECTOR if projects else Component.VISION
             else:
                 comp = Component.OTHER
             components[m.node] = comp
@@ -123,6 +129,14 @@ class LabelByStructurePass(PassBase):
                 by_block[blocks[m.node][1]].append(m.node)
         for members in by_block.values():
             roles.update(structure.mlp_roles(members, set(roles) & set(members), mm_nodes))
+        # Vision / language matmuls outside the blocks (a pooling head's MLP): MLP wiring within their module.
+        by_module: dict[str, list[torch.fx.Node]] = defaultdict(list)
+        for m in matmuls:
+            if not blocks[m.node] and components[m.node] in (Component.VISION, Component.LANGUAGE):
+                by_module[m.module.rsplit(".", 1)[0]].append(m.node)
+        loose_roles: dict[torch.fx.Node, str] = {}
+        for members in by_module.values():
+            loose_roles.update(structure.mlp_roles(members, set(roles) & set(members), mm_nodes))
 
         order: dict[str, dict[str, int]] = {"vision": {}, "language": {}}
         for m in matmuls:
@@ -138,11 +152,20 @@ class LabelByStructurePass(PassBase):
                      Component.CROSS_ATTENTION: "language"}.get(comp)
             layer = order[tower].get(blk[1]) if (tower and blk) else None
             in_block = blk is not None and comp in (Component.VISION, Component.LANGUAGE, Component.CROSS_ATTENTION)
-            role = Role(roles[m.node]) if in_block and m.node in roles else Role.OTHER
+            role = Role(roles[m.node]) if in_block and m.node in roles else Role(loose_roles.get(m.node, Role.OTHER))
             site = m.module if m.kind == "linear" else m.weight
             set_labels(m.node, NodeLabels(comp, role, layer, site, m.kind, m.weight))
         graph_module.meta["graphlora.towers"] = {t: len(b) for t, b in order.items()}
         return PassResult(graph_module, bool(matmuls))
+
+
+def _reaches(graph: torch.fx.Graph, targets: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Nodes that are in ``targets`` or have a path to one of them."""
+    found: set[torch.fx.Node] = set()
+    for node in reversed(list(graph.nodes)):
+        if node in targets or any(user in found for user in node.users):
+            found.add(node)
+    return found
 
 
 def _downstream_of(graph: torch.fx.Graph, roots: list[torch.fx.Node]) -> set[torch.fx.Node]:

@@ -63,3 +63,52 @@ def train_and_check_grads(lora_model, inputs, steps: int) -> list[float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+class EagerLoraReference:
+    """Module-level LoRA on the *original* model (graphlora leaves its modules alone), reading the rewritten
+    model's LoRA parameters: the reference a rewritten model's outputs and LoRA gradients must equal.
+
+    ``nn.Linear`` sites get a forward hook adding ``s * B(A(x))`` (PEFT's numerics: x in the LoRA dtype, sum
+    cast back); a raw parameter matmul site has its parameter replaced by ``W + s (B A)`` (transposed for a
+    ``[in, out]`` weight) for the call. Use as ``with EagerLoraReference(model, lora_model): model(**batch)``.
+    """
+
+    def __init__(self, original: torch.nn.Module, lora_model):
+        self.original = original
+        self.lora_model = lora_model
+        self._handles = []
+        self._swapped = []
+
+    def __enter__(self):
+        for site in self.lora_model.sites:
+            lora = self.lora_model.get_submodule(site.module)
+            a, b, scale = lora.lora_A.weight, lora.lora_B.weight, site.scale
+            if site.kind == "linear":
+                def hook(module, args, output, a=a, b=b, scale=scale):
+                    x = args[0].to(a.dtype)
+                    return (output + (x @ a.T @ b.T) * scale).to(output.dtype)
+                self._handles.append(self.original.get_submodule(site.name).register_forward_hook(hook))
+            else:
+                owner_path, _, attr = site.name.rpartition(".")
+                owner = self.original.get_submodule(owner_path)
+                weight = owner._parameters.pop(attr)
+                delta = scale * (b @ a)
+                owner.__dict__[attr] = weight + (delta.T if site.weight_layout == "in_out" else delta).to(weight.dtype)
+                self._swapped.append((owner, attr, weight))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        for owner, attr, weight in reversed(self._swapped):
+            owner.__dict__.pop(attr, None)
+            owner._parameters[attr] = weight
+        self._handles, self._swapped = [], []
+        return False
+
+
+def lora_grads(lora_model) -> dict[str, torch.Tensor | None]:
+    """The current gradient of every LoRA parameter, by name (cloned)."""
+    return {n: (p.grad.detach().clone() if p.grad is not None else None)
+            for n, p in lora_model.named_parameters() if ".lora_A." in n or ".lora_B." in n}

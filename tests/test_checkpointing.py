@@ -45,7 +45,8 @@ def saved_activation_bytes(lora_model, batch):
 def long_text():
     model = zoo.build_tiny_model("llava")
     batch = zoo.tiny_example_inputs("llava", model, text_len=96)
-    lora_model = graphlora.rewrite(model, POLICY, example_inputs=batch)
+    # Whole-model tracing: activation_checkpointing_enable() switches it to block programs (the default mode).
+    lora_model = graphlora.rewrite(model, POLICY, example_inputs=batch, trace_mode="whole")
     set_random_lora(lora_model)  # B != 0: every LoRA matrix gets a gradient
     return lora_model, batch
 
@@ -148,6 +149,6 @@ def test_fp32_weights_train_under_cpu_autocast():
     lora_model = graphlora.rewrite(model, POLICY, example_inputs=batches[0])
     losses = _train(lora_model, batches, autocast_dtype=torch.bfloat16)
     assert all(torch.isfinite(torch.tensor(losses))) and _falls(losses), losses
-    autocast_keys = [k for k, _ in lora_model._cache.programs() if any(enabled for _, enabled, _ in k.autocast)]
+    autocast_keys = [k for k, _ in lora_model.runtime.keyed_programs() if any(enabled for _, enabled, _ in k.autocast)]
     assert autocast_keys, "the autocast call has its own program"
     assert {p.dtype for p in lora_model.parameters()} == {torch.float32}

@@ -96,6 +96,13 @@ def _check_run(tensors: list[dict], records: list[dict], reference, adapter_dir:
 
 def test_ddp_two_ranks_synchronise_lora(tmp_path, reference):
     tensors, records = run_torchrun(tmp_path, "--mode", "ddp")
+    assert [r["trace_mode"] for r in records] == ["blocks", "blocks"]
+    _check_run(tensors, records, reference, tmp_path / "adapter")
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_synchronise_lora_with_a_whole_model_program(tmp_path, reference):
+    tensors, records = run_torchrun(tmp_path, "--mode", "ddp", "--trace-mode", "whole")
     assert [r["trace_mode"] for r in records] == ["whole", "whole"]
     _check_run(tensors, records, reference, tmp_path / "adapter")
 
@@ -147,7 +154,8 @@ def test_fsdp2_on_layers_in_whole_mode_is_refused_clearly():
         for _ in range(2):
             model = zoo.build_tiny_model("llava")
             pairs = synthetic.caption_dataset(model, 2)
-            models.append(graphlora.rewrite(model, dist_script.POLICY, example_inputs=synthetic.collate(pairs)))
+            models.append(graphlora.rewrite(model, dist_script.POLICY, example_inputs=synthetic.collate(pairs),
+                                            trace_mode="whole"))
         per_layer, root_only = models
         batch = synthetic.collate(pairs)
         for layer in [m for m in per_layer.modules() if isinstance(m, GradientCheckpointingLayer)]:

@@ -91,7 +91,8 @@ def llava_cli(tmp_path_factory):
     policy.write_text(POLICY_YAML)
     out = base / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "graphlora", "dump", "llava", "--policy", str(policy), "--out", str(out)],
+        [sys.executable, "-m", "graphlora", "dump", "llava", "--policy", str(policy), "--out", str(out),
+         "--trace-mode", "whole"],
         capture_output=True, text=True, timeout=600, cwd=str(ROOT),
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -318,7 +319,7 @@ def test_cli_after_and_only(tmp_path, capsys):
     policy.write_text(POLICY_YAML)
     out = tmp_path / "out"
     rc = main(["dump", "llava", "--policy", str(policy), "--out", str(out), "--after", "insert_lora_branches",
-               "--only", "component=vision,layer=0", "--only", "role=attn.q|attn.v"])
+               "--only", "component=vision,layer=0", "--only", "role=attn.q|attn.v", "--trace-mode", "whole"])
     assert rc == 0
     err = capsys.readouterr().err
     assert re.search(r"^\[graphlora\] insert_lora_branches: \d+\.\d s", err, re.M)
@@ -354,7 +355,8 @@ def test_only_follows_sites_through_fusion(tmp_path, tiny):
     the fused op that replaces both (a grouped op when any of its sites matches)."""
     model, inputs = tiny("llava")
     result = dump(model, {"finetune_vision_layers": False}, tmp_path, formats="text",
-                  only="module=model.language_model.layers.1.mlp.*", example_inputs=inputs, progress=None)
+                  only="module=model.language_model.layers.1.mlp.*", example_inputs=inputs, progress=None,
+                  trace_mode="whole")
     mlp = {f"model.language_model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
     names = [s.name for s in result.stages]
     for stage in result.stages:
@@ -376,13 +378,14 @@ def test_only_follows_sites_through_fusion(tmp_path, tiny):
 def test_after_export_and_dump_api(tmp_path, tiny):
     model, inputs = tiny("llava")
     result = dump(model, {"finetune_vision_layers": False}, tmp_path, formats="text", after="export",
-                  example_inputs=inputs, progress=None)
+                  example_inputs=inputs, progress=None, trace_mode="whole")
     assert [p.name for p in result.files] == ["summary.txt", "00_export.txt"]
     assert result.stages[0].name == "export" and not result.meta
     assert result.verification.startswith("verification against eager: ok")
     assert len(result.lora_model.sites) == 14 and result.component_map.number_of_nodes() == 6
     # a second dump into the same directory removes the files of the first
-    dump(model, {"finetune_vision_layers": False}, tmp_path, formats="json", example_inputs=inputs, progress=None)
+    dump(model, {"finetune_vision_layers": False}, tmp_path, formats="json", example_inputs=inputs, progress=None,
+         trace_mode="whole")
     assert not (tmp_path / "00_export.txt").exists() and (tmp_path / "nodes.json").exists()
 
 
@@ -422,28 +425,26 @@ class _FakeFusePass:
 
     name = "fake_fuse_lora_linear"
 
-    def __init__(self, sites):
-        self.sites = sites
-
     def __call__(self, gm):
+        from graphlora.labels import get_decision, labelled_nodes
+
         gm.meta["graphlora.fusion"] = {
-            s.name: ({"fused": True, "reason": ""} if s.component == "language"
-                     else {"fused": False, "reason": "dtype float32 has no fused kernel"})
-            for s in self.sites
+            labels.module: ({"fused": True, "reason": ""} if str(labels.component) == "language"
+                            else {"fused": False, "reason": "dtype float32 has no fused kernel"})
+            for node, labels in labelled_nodes(gm.graph) if (d := get_decision(node)) is not None and d.targeted
         }
         return None
 
 
 def test_fused_sites_are_read_from_the_fusion_record(tmp_path, tiny, monkeypatch):
-    from graphlora.model import GraphLoraModel
+    from graphlora.pipeline import Pipeline
 
-    original = GraphLoraModel._transform_passes
-    monkeypatch.setattr(GraphLoraModel, "_transform_passes",
-                        lambda self, *a, **k: original(self, *a, **k) + [_FakeFusePass(self.sites)])
+    original = Pipeline.transform
+    monkeypatch.setattr(Pipeline, "transform", lambda self, *a, **k: original(self, *a, **k) + [_FakeFusePass()])
     model, inputs = tiny("llava")
     policy = tmp_path / "p.yaml"
     policy.write_text(POLICY_YAML)
-    result = dump(model, policy, tmp_path / "out", example_inputs=inputs, progress=None)
+    result = dump(model, policy, tmp_path / "out", example_inputs=inputs, progress=None, trace_mode="whole")
     assert result.stages[-1].name == "fake_fuse_lora_linear"
     summary = result.summary
     assert re.search(r"^language\s+14\s+8\s+8\s+0\s+3,584$", summary, re.M)
@@ -465,14 +466,13 @@ class _BrokenPass:
 
 
 def test_a_failing_pass_leaves_the_stages_before_it_and_the_error(tmp_path, tiny, monkeypatch):
-    from graphlora.model import GraphLoraModel
+    from graphlora.pipeline import Pipeline
 
-    original = GraphLoraModel._transform_passes
-    monkeypatch.setattr(GraphLoraModel, "_transform_passes",
-                        lambda self, *a, **k: [_BrokenPass()] + original(self, *a, **k))
+    original = Pipeline.transform
+    monkeypatch.setattr(Pipeline, "transform", lambda self, *a, **k: [_BrokenPass()] + original(self, *a, **k))
     model, inputs = tiny("llava")
     with pytest.raises(GraphLoraError, match="broken_pass"):
-        dump(model, None, tmp_path, formats="text", example_inputs=inputs, progress=None)
+        dump(model, None, tmp_path, formats="text", example_inputs=inputs, progress=None, trace_mode="whole")
     error = (tmp_path / "error.txt").read_text()
     assert "failed after stage " in error and "boom" in error
     assert (tmp_path / "00_export.txt").exists() and list(tmp_path.glob("*_mark_unreachable_sites.txt"))
@@ -492,6 +492,38 @@ def test_model_traced_by_regions(tmp_path):
     graph = result.component_map
     assert set(graph.nodes) == {"vision/0", "vision/1", "language/0", "language/1"}
     assert re.search(r"^total\s+28\s+28\s+28\s", result.summary, re.M)
+
+
+def _component_rows(summary: str) -> list[str]:
+    return [line for line in summary.splitlines()
+            if re.match(r"^(vision|projector|cross_attention|language|head|other|total)\s", line)]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_block_programs_dump_describes_the_model_as_a_whole_trace_does(tmp_path, tiny, family):
+    """The default mode dumps the eager analysis recording (its analysis passes), then each block class's
+    program (export, labelling, LoRA, fusion); the summary, the map and the node table come from the
+    analysis graph and say what a whole-model dump says."""
+    model, inputs = tiny(family)
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY_YAML)
+    blocks = dump(model, policy, tmp_path / "blocks", formats="text,json", example_inputs=inputs, progress=None)
+    whole = dump(model, policy, tmp_path / "whole", formats="text,json", example_inputs=inputs, progress=None,
+                 trace_mode="whole")
+    assert blocks.lora_model.trace_mode == "blocks"
+    names = [s.name for s in blocks.stages]
+    assert names[:7] == ["record", "strip_tensor_metadata_asserts", "label_by_structure", "cross_check_labels",
+                         "select_lora_sites", "mark_unreachable_sites", "plan_lora_sites"]
+    exports = [n for n in names if n.startswith("export")]
+    assert len(exports) == len(blocks.lora_model.block_classes()) == 2
+    assert {"insert_lora_branches", "fuse_lora_linear"} <= set(names)
+    assert (tmp_path / "blocks" / "00_record.txt").exists()
+    assert _component_rows(blocks.summary) == _component_rows(whole.summary)
+    assert sorted(blocks.component_map.nodes) == sorted(whole.component_map.nodes)
+    assert sorted(blocks.component_map.edges) == sorted(whole.component_map.edges)
+    matmuls = lambda result: sorted((r.module, r.component, r.role, r.layer, r.lora) for r in result.rows  # noqa: E731
+                                    if r.kind == "matmul")
+    assert matmuls(blocks) == matmuls(whole)
 
 
 # ---------------------------------------------------------------------------------------------

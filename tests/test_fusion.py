@@ -9,17 +9,31 @@ import torch
 
 import graphlora
 from graphlora.labels import get_site_step
-from helpers import merged_copy, set_random_lora
+from helpers import EagerLoraReference, merged_copy, set_random_lora
 
 POLICY = dict(finetune_vision_layers=True, finetune_language_layers=True, finetune_projector=True)
 MERGED = dict(atol=1e-5, rtol=1e-4)
 
 
+def running_graphs(lora_model) -> list[tuple[torch.fx.GraphModule, int]]:
+    """(graph, calls per forward) of what runs: the last whole-model program, or each block class's last
+    LoRA program once per block of the class."""
+    if lora_model.trace_mode == "whole":
+        return [(lora_model.programs()[-1].graph_module, 1)]
+    programs = lora_model.block_programs()
+    return [(programs[c.name].graph_module, len(c.instances)) for c in lora_model.block_classes()]
+
+
 def op_counts(lora_model):
+    """Ops per forward; in blocks mode a glue linear's module-level LoRA counts as one fused op."""
     counts = {}
-    for node in lora_model.programs()[-1].graph_module.graph.nodes:
-        if node.op == "call_function":
-            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    for gm, calls in running_graphs(lora_model):
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                counts[str(node.target)] = counts.get(str(node.target), 0) + calls
+    glue = len(lora_model.planner.glue_forwards) if lora_model.fuse else 0
+    if glue:
+        counts["graphlora.lora_linear.default"] = counts.get("graphlora.lora_linear.default", 0) + glue
     return counts
 
 
@@ -27,10 +41,11 @@ def lora_grads(lora_model):
     return {n: p.grad.clone() for n, p in lora_model.named_parameters() if p.requires_grad}
 
 
-def test_every_llava_site_is_fused_and_matches(tiny):
+@pytest.mark.parametrize("trace_mode", ["whole", "blocks"])
+def test_every_llava_site_is_fused_and_matches(tiny, trace_mode):
     model, inputs = tiny("llava")
-    fused = graphlora.rewrite(model, POLICY, inputs)
-    unfused = graphlora.rewrite(copy.deepcopy(model), POLICY, inputs, fuse=False)
+    fused = graphlora.rewrite(model, POLICY, inputs, trace_mode=trace_mode)
+    unfused = graphlora.rewrite(copy.deepcopy(model), POLICY, inputs, fuse=False, trace_mode=trace_mode)
     set_random_lora(fused)
     set_random_lora(unfused)
 
@@ -43,7 +58,7 @@ def test_every_llava_site_is_fused_and_matches(tiny):
     assert counts["graphlora.lora_linear_group.default"] == 5
     assert counts["graphlora.lora_linear.default"] == len(fused.sites) - 3 * 3 - 2 * 2
     assert not any(get_site_step(n) and get_site_step(n)[1] != "fused"
-                   for n in fused.programs()[-1].graph_module.graph.nodes)
+                   for gm, _ in running_graphs(fused) for n in gm.graph.nodes)
     assert "graphlora.lora_linear.default" not in op_counts(unfused)
 
     out_f, out_u = fused(**inputs), unfused(**inputs)
@@ -59,13 +74,11 @@ def test_every_llava_site_is_fused_and_matches(tiny):
         torch.testing.assert_close(grads_f[name], grads_u[name], atol=1e-5, rtol=1e-4, msg=name)
         assert grads_f[name].abs().sum() > 0, name
 
-    # And against eager PyTorch: the same LoRA as forward hooks on the modules (x W^T + s B A x).
-    from graphlora.lora import eager_lora_hooks
-
+    # And against eager PyTorch: the same LoRA as forward hooks on the original modules (x W^T + s B A x).
     for p in fused.parameters():
         p.grad = None
-    with eager_lora_hooks(fused, fused.sites):
-        eager_out = fused._eager(**inputs, use_cache=False)
+    with EagerLoraReference(model, fused):
+        eager_out = model(**inputs, use_cache=False)
     eager_out.loss.backward()
     torch.testing.assert_close(out_f.logits, eager_out.logits, atol=1e-6, rtol=1e-6)
     for name, grad in lora_grads(fused).items():
@@ -93,9 +106,10 @@ def test_training_with_dropout_uses_the_seeded_op(tiny):
         torch.testing.assert_close(lora_model(**inputs).logits, merged_copy(model, lora_model)(**inputs, use_cache=False).logits, **MERGED)
 
 
-def test_unfusable_sites_are_listed_with_reasons(tiny):
+@pytest.mark.parametrize("trace_mode", ["whole", "blocks"])
+def test_unfusable_sites_are_listed_with_reasons(tiny, trace_mode):
     model, inputs = tiny("gemma3")
-    lora_model = graphlora.rewrite(model, POLICY, inputs)
+    lora_model = graphlora.rewrite(model, POLICY, inputs, trace_mode=trace_mode)
     report = lora_model.fusion_report()
     projector = "model.multi_modal_projector.mm_input_projection_weight"
     assert report[projector]["fused"] is False

@@ -10,6 +10,7 @@ the right linears and trains.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -240,13 +241,15 @@ def test_structure_labels_without_names():
     assert obfuscated_labels == {path_map[name]: labels for name, labels in EXPECTED.items()}
 
 
-def test_obfuscated_model_is_rewritten_and_trains():
+@pytest.mark.parametrize("trace_mode", ["whole", "blocks"])
+def test_obfuscated_model_is_rewritten_and_trains(trace_mode):
     named, obfuscated, path_map = twin_models()
     inputs = example_inputs()
-    named_lora = graphlora.rewrite(named, FULL_VLM, inputs)
-    obfuscated_lora = graphlora.rewrite(obfuscated, FULL_VLM, inputs)
-    # Traced whole: labels come from the graph (regional tracing would label by names).
-    assert named_lora.trace_mode == obfuscated_lora.trace_mode == "whole"
+    named_lora = graphlora.rewrite(named, FULL_VLM, inputs, trace_mode=trace_mode)
+    obfuscated_lora = graphlora.rewrite(obfuscated, FULL_VLM, inputs, trace_mode=trace_mode)
+    # Traced whole or by block programs (labels from the eager recording's graph): labels come from a graph
+    # (regional tracing would label by names).
+    assert named_lora.trace_mode == obfuscated_lora.trace_mode == trace_mode
 
     # LoRA lands on the same linears, with the same labels (every linear but the head).
     expected_sites = sorted(name for name, (component, _, _) in EXPECTED.items() if component != "head"

@@ -40,3 +40,65 @@ def test_public_names_survive_importing_every_submodule():
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _import_graph() -> "dict[str, set[str]]":
+    """graphlora module -> the graphlora modules it imports (module level or inside functions; imports
+    under ``if TYPE_CHECKING:`` are annotations only and do not count)."""
+    import ast
+
+    sources = {}
+    for path in (ROOT / "graphlora").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        sources[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in (ROOT / "passes").glob("*.py"):
+        name = "graphlora.passes" if path.stem == "__init__" else f"graphlora.passes.{path.stem}"
+        sources[name] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in sources:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in sources.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        skipped = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                skipped.update(id(n) for n in ast.walk(node))
+        edges = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.Import):
+                edges.update(resolve(a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                for alias in node.names:
+                    edges.add(resolve(f"{base}.{alias.name}") if f"{base}.{alias.name}" in sources else resolve(base))
+        graph[module] = {e for e in edges if e and e != module and e.startswith("graphlora")}
+    return graph
+
+
+def test_no_import_cycle_among_graphlora_modules():
+    """One direction between modules (model -> adapters, rewriter -> model, cli -> dump ...): a cycle makes
+    import order matter and the next engineer's refactoring hard. Lazy imports inside functions count."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for module, targets in _import_graph().items():
+        graph.add_node(module)
+        graph.add_edges_from((module, t) for t in targets)
+    cycles = sorted(sorted(c) for c in nx.simple_cycles(graph))
+    assert not cycles, f"import cycles: {cycles[:5]}"
+
+
+def test_the_import_graph_sees_lazy_imports():
+    graph = _import_graph()
+    assert "graphlora.adapters" in graph["graphlora.model"]  # imported inside GraphLoraModel's methods
+    assert "graphlora.ops.dropout_rng" in graph["graphlora.ops.lora_linear"]  # from . import dropout_rng

@@ -1,7 +1,8 @@
 """Issue 2, acceptance 2: each fixture family x each of the seed's three strategies.
 
 Sites equal lists written out here; outputs at initialisation equal the original model's; training
-lowers the loss; every site's lora_B receives a gradient; no base parameter requires grad.
+lowers the loss; every site's lora_B receives a gradient; no base parameter requires grad; the programs
+traced by rewrite() serve every step.
 """
 
 import pytest
@@ -64,6 +65,7 @@ def test_strategy_on_family(tiny, family, strategy):
 
     lora_model = graphlora.rewrite(model, STRATEGIES[strategy], inputs)
     assert lora_model.training
+    traced = lora_model.num_traces  # one program per block class
 
     assert sorted(s.name for s in lora_model.sites) == expected_sites(family, strategy)
     skipped = VISION_SKIPPED.get(family, []) if strategy != "language-only" else []
@@ -81,4 +83,4 @@ def test_strategy_on_family(tiny, family, strategy):
 
     losses = train_and_check_grads(lora_model, inputs, steps=10)
     assert losses[-1] < losses[0], losses
-    assert lora_model.num_traces == 1
+    assert lora_model.num_traces == traced  # the same programs served every step

@@ -1,9 +1,11 @@
 """Regenerate docs/models.md: every supported family, how graphlora traces it, and how long that takes.
 
 For each built-in tiny model (one per family) the script rewrites it with the full-VLM strategy and
-no example inputs (so they are synthesised from the config), and records the trace mode (whole /
-prologue / regional), the regions, the number of sites, and the time of the first export and of the
-whole rewrite (export, passes and verification against eager). Run from the repository root:
+no example inputs (so they are synthesised from the config), twice: in the default mode (block
+programs: records the block classes, the time of the eager analysis recording, of the block exports
+and of the whole rewrite, and the sites), and with ``trace_mode="whole_or_regional"`` (records whether
+the whole forward exports plainly, after the family's prologue, or only by regions). Run from the
+repository root:
 
     python tools/gen_models_doc.py            # writes docs/models.md
     python tools/gen_models_doc.py --stdout   # prints it instead
@@ -27,7 +29,8 @@ from graphlora import zoo
 FULL_VLM = dict(finetune_vision_layers=True, finetune_language_layers=True)
 
 
-def trace_mode(lora_model) -> str:
+def whole_model_mode(lora_model) -> str:
+    """How a ``whole_or_regional`` rewrite traced: whole, prologue (whole after the eager prologue) or regional."""
     if lora_model.trace_mode == "regional":
         return "regional"
     return "prologue" if "prologue" in lora_model.regions[0].reason else "whole"
@@ -38,17 +41,20 @@ def survey(name: str) -> dict:
     start = time.perf_counter()
     lora_model = graphlora.rewrite(model, FULL_VLM)
     total = time.perf_counter() - start
-    graphs = [r.path or "<whole model>" for r in lora_model.regions if r.mode == "graph"]
+    whole = graphlora.rewrite(zoo.build_tiny_model(name), FULL_VLM, trace_mode="whole_or_regional")
+    classes = lora_model.block_classes()
     return {
         "name": name,
         "class": type(model).__name__,
         "model_type": model.config.model_type,
-        "mode": trace_mode(lora_model),
-        "export_s": sum(t.export_seconds for t in lora_model.traces),
+        "mode": str(lora_model.trace_mode),
+        "whole_mode": whole_model_mode(whole),
+        "analysis_s": sum(t.export_seconds for t in lora_model.traces if t.kind == "analysis"),
+        "export_s": sum(t.export_seconds for t in lora_model.traces if t.kind == "program"),
         "rewrite_s": total,
         "sites": len(lora_model.sites),
         "skipped": len(lora_model.skipped_sites),
-        "graphs": graphs,
+        "classes": [(c.name, len(c.instances)) for c in classes],
         "verified": all(v.passed for v in lora_model.verification),
     }
 
@@ -64,19 +70,26 @@ def render(rows: list[dict]) -> str:
         "",
         f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} CPU cores ({cpu}), torch "
         f"{torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} thread(s).",
-        "Times are for the tiny models; real models take longer (export time grows with depth).",
+        "Times are for the tiny models (2 layers per tower). Block programs cost one export per block class,",
+        "whatever the depth; a whole-model export grows with depth.",
         "",
-        "Modes: **whole** — the whole forward is one exported program; **prologue** — the family's eager",
-        "prologue computes data-dependent image metadata, then the whole forward is one program;",
-        "**regional** — the largest submodules that export and verify are programs, the glue is eager.",
+        "**default**: the mode ``rewrite()`` chooses (**blocks**: one program per block class, dynamic in",
+        "batch, text and image size; the glue between blocks runs eagerly with module-level LoRA).",
+        "**whole-model trace**: what ``trace_mode=\"whole_or_regional\"`` does: **whole** — the whole forward",
+        "is one exported program; **prologue** — the family's eager prologue computes data-dependent image",
+        "metadata, then the whole forward is one program; **regional** — the largest submodules that export",
+        "and verify are programs, the glue is eager. **analysis s**: the eager recording of the whole model;",
+        "**export s**: the block programs' exports.",
         "",
-        "| family (model_type) | class | mode | export s | rewrite s | LoRA sites | skipped | traced parts |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family (model_type) | class | default | whole-model trace | analysis s | export s | rewrite s | LoRA sites "
+        "| skipped | block programs (blocks each) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        parts = ", ".join(f"`{g}`" for g in r["graphs"][:4]) + (f" (+{len(r['graphs']) - 4})" if len(r["graphs"]) > 4 else "")
-        lines.append(f"| {r['name']} ({r['model_type']}) | {r['class']} | {r['mode']} | {r['export_s']:.1f} | "
-                     f"{r['rewrite_s']:.1f} | {r['sites']} | {r['skipped']} | {parts} |")
+        classes = ", ".join(f"`{name}` ({n})" for name, n in r["classes"])
+        lines.append(f"| {r['name']} ({r['model_type']}) | {r['class']} | {r['mode']} | {r['whole_mode']} | "
+                     f"{r['analysis_s']:.2f} | {r['export_s']:.1f} | {r['rewrite_s']:.1f} | {r['sites']} | "
+                     f"{r['skipped']} | {classes} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -90,7 +103,7 @@ def main() -> int:
     rows = []
     for name in args.only or zoo.tiny_model_names():
         row = survey(name)
-        print(f"{name}: {row['mode']} {row['rewrite_s']:.1f} s", file=sys.stderr)
+        print(f"{name}: {row['mode']} ({row['whole_mode']}) {row['rewrite_s']:.1f} s", file=sys.stderr)
         rows.append(row)
     text = render(rows)
     if args.stdout:

@@ -13,7 +13,8 @@ steps with AdamW on *its own* batches (rank r reads pairs 4*step + 2*r and 4*ste
   and how often the per-layer pre-forward hooks ran;
 * ``adapter/`` (rank 0): the adapter saved with ``save_adapter`` at the end (under FSDP2 after unsharding).
 
-``--mode ddp``: ``DistributedDataParallel`` around the GraphLoraModel (whole-model program, the default).
+``--mode ddp``: ``DistributedDataParallel`` around the GraphLoraModel (block programs, the default mode;
+``--trace-mode whole`` for one whole-model program).
 ``--mode fsdp``: ``trace_mode="blocks"`` and ``graphlora.integrations.fully_shard_by_blocks``: ``fully_shard`` on
 every decoder layer and vision block (transformers' ``GradientCheckpointingLayer`` modules), then on the root.
 ``--checkpointing`` also turns on per-layer activation checkpointing. ``--text-step`` adds a last step on text-only
@@ -56,14 +57,14 @@ def set_lora(lora_model, seed: int = 1, std: float = 0.2) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
-def build(mode: str):
+def build(mode: str, trace_mode: str = "auto"):
     import graphlora
     from graphlora import synthetic, zoo
 
     model = zoo.build_tiny_model("llava")
     pairs = synthetic.caption_dataset(model, NUM_PAIRS)
     lora_model = graphlora.rewrite(model, POLICY, example_inputs=synthetic.collate(pairs[:BATCH]),
-                                   trace_mode="blocks" if mode == "fsdp" else "auto")
+                                   trace_mode="blocks" if mode == "fsdp" else trace_mode)
     set_lora(lora_model)
     return lora_model, pairs
 
@@ -84,18 +85,19 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--text-step", action="store_true")
+    parser.add_argument("--trace-mode", default="auto", choices=("auto", "blocks", "whole"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     from safetensors.torch import save_file
 
-    lora_model, pairs = build(args.mode)
+    lora_model, pairs = build(args.mode, args.trace_mode)
     if args.checkpointing:
         lora_model.activation_checkpointing_enable()
     lora_model.train()
     names = [n for n, p in lora_model.named_parameters() if p.requires_grad]
-    record: dict = {"rank": rank, "mode": args.mode, "trace_mode": lora_model.trace_mode, "losses": []}
+    record: dict = {"rank": rank, "mode": args.mode, "trace_mode": str(lora_model.trace_mode), "losses": []}
     tensors = {f"init.{n}": full(p) for n, p in lora_model.named_parameters() if p.requires_grad}
 
     if args.mode == "ddp":
