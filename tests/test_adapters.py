@@ -207,7 +207,7 @@ def test_peft_all_linear_adapter_and_unreachable_modules(cases, tmp_path):
 def test_rank_pattern_keys_are_exact_under_peft_matching():
     """PEFT reads a rank_pattern key as a regular expression matched against a name's tail ('.' matches
     any character): plain names are written only when that gives every site its own rank."""
-    from graphlora.adapters import _patterns, _peft_pattern_value
+    from graphlora.adapters import _patterns, peft_pattern_value
     from graphlora.lora import Site
 
     def site(name, r):
@@ -218,7 +218,7 @@ def test_rank_pattern_keys_are_exact_under_peft_matching():
     clash = [site("blk.q", 4), site("blk_q", 16)]  # "blk.q" as a pattern also matches "blk_q"
     patterns = _patterns(clash, 16, "r", [s.name for s in clash])
     assert patterns == {r"^blk\.q": 4}
-    assert [_peft_pattern_value(patterns, s.name, 16) for s in clash] == [4, 16]
+    assert [peft_pattern_value(patterns, s.name, 16) for s in clash] == [4, 16]
 
 
 def test_graphlora_round_trip_uses_the_saved_policy(cases):
