@@ -1113,6 +1113,7 @@ def dump(
     *,
     verify: bool = True,
     trace_mode: str = "auto",
+    fuse: bool | str = "auto",
     progress: "TextIO | _Stderr | None" = STDERR,
 ) -> DumpResult:
     """Rewrite ``model_or_spec`` under ``policy`` and write the graph dump into ``out_dir``.
@@ -1124,7 +1125,8 @@ def dump(
     (``"component=vision,layer=0-3"``) for the stage files and node tables. ``example_inputs``: one
     batch (default: the spec's, else synthesised; meta tensors for a meta model). ``verify``: compare
     the rewritten program with the original model on that batch (not possible on the meta device).
-    ``trace_mode``: as :func:`graphlora.rewrite` (``"regional"`` dumps each region's trace).
+    ``trace_mode``, ``fuse``: as :func:`graphlora.rewrite` (``"regional"`` dumps each region's trace,
+    ``"blocks"`` the analysis recording and each block class's trace).
     As with :func:`graphlora.rewrite`, a model passed in has its parameters frozen.
     """
     from graphlora.model_spec import load_model_spec
@@ -1165,7 +1167,7 @@ def dump(
     recorder.restart_clock()
     try:
         lora_model = rewrite(model, policy, inputs, observer=recorder, verify=bool(verify) and not meta,
-                             trace_mode=trace_mode)
+                             trace_mode=trace_mode, fuse=fuse)
     except BaseException as e:
         # Whatever was traced is worth reading: write those stages and the error, then re-raise.
         if recorder.stages and "text" in fmts:
@@ -1272,7 +1274,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     try:
         result = dump(
             args.model, args.policy, args.out, formats=args.format, after=args.after, only=args.only or None,
-            verify=not args.no_verify, trace_mode=args.trace_mode, progress=None if args.quiet else sys.stderr,
+            verify=not args.no_verify, trace_mode=args.trace_mode, fuse={"auto": "auto", "on": True, "off": False}[args.fuse], progress=None if args.quiet else sys.stderr,
         )
     except GraphLoraError:
         raise
@@ -1315,4 +1317,6 @@ def add_dump_parser(subparsers: "argparse._SubParsersAction", model_spec_help: s
     p.add_argument("--trace-mode", default="auto", choices=("auto", "blocks", "whole", "whole_or_regional", "regional"),
                    help="how to trace (see docs/tracing.md); blocks dumps the analysis recording and one trace per "
                         "block class, regional one trace per region")
+    p.add_argument("--fuse", default="auto", choices=("auto", "on", "off"),
+                   help="fuse LoRA branches into graphlora::lora_linear: auto (on CUDA and meta), on, off")
     p.set_defaults(func=_cmd_dump)

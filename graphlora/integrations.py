@@ -81,7 +81,7 @@ class GraphLoraTrainerMixin:
         if lora_model is not None:
             from transformers.utils.generic import can_return_loss, find_labels
 
-            original_class = type(lora_model._eager)
+            original_class = type(lora_model.mirror)
             if self.args.label_names is None:
                 self.label_names = find_labels(original_class)
             self.can_return_loss = can_return_loss(original_class)
@@ -155,8 +155,7 @@ def fully_shard_by_blocks(model: torch.nn.Module, **fully_shard_kwargs: Any) -> 
         if new is not None and new is not old:
             for module, name in holders.get(id(old), ()):
                 module._parameters[name] = new
-    mirror_root = lora_model._eager._parameters
-    mirror_root.update({k: v for k, v in lora_model._parameters.items() if k in mirror_root})
+    lora_model.sync_mirror_root()
     return layers
 
 

@@ -156,11 +156,13 @@ class GlueLoraForward:
     the plain linear.
     """
 
-    def __init__(self, module: torch.nn.Linear, scale: float, dropout: float, switch: AdapterSwitch):
+    def __init__(self, module: torch.nn.Linear, scale: float, dropout: float, switch: AdapterSwitch,
+                 fuse: bool | str = "auto"):
         self.module = module
         self.scale = scale
         self.dropout = dropout
         self.switch = switch
+        self.fuse = fuse  # True, False or "auto" (the fused op on devices with its kernels: CUDA)
         #: How the last call with the adapters on ran: ``{"fused": bool, "reason": str}`` (fusion_report()).
         self.last = _GLUE_FUSED
 
@@ -171,14 +173,22 @@ class GlueLoraForward:
         a, b = m.lora_A.weight, m.lora_B.weight
         p = self.dropout if m.training else 0.0
         autocast = torch.is_autocast_enabled(x.device.type)
-        if x.dtype in _FUSABLE_DTYPES and not autocast:
+        fused = self.fuse is True or (self.fuse == "auto" and x.device.type in ("cuda", "meta"))
+        if fused and x.dtype in _FUSABLE_DTYPES and not autocast:
             import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
 
             seed = torch.randint(0, _SEED_HIGH, [1], dtype=torch.int64, device=x.device) if p > 0 else None
             self.last = _GLUE_FUSED
             return torch.ops.graphlora.lora_linear(x, m.weight, m.bias, a, b, self.scale, p, seed)
-        self.last = {"fused": False, "reason": "autocast is on: the fused op has no autocast rule, so the unfused "
-                                               "branch runs" if autocast else f"x has dtype {x.dtype}"}
+        if not fused:
+            reason = ("fuse=False" if not self.fuse else f"fuse='auto' on {x.device.type}: the fused op has no "
+                      f"{x.device.type} kernels (its reference implementation costs more than the unfused branch)")
+        elif autocast:
+            reason = "autocast is on: the fused op has no autocast rule, so the unfused branch runs"
+        else:
+            reason = f"x has dtype {x.dtype}"
+        if self.last.get("reason") != reason:
+            self.last = {"fused": False, "reason": reason}
         result = F.linear(x, m.weight, m.bias)
         h = F.dropout(x.to(a.dtype), p, m.training)
         return (result + F.linear(F.linear(h, a), b) * self.scale).to(result.dtype)

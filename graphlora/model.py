@@ -77,7 +77,7 @@ class GraphLoraModel(torch.nn.Module):
     forward = _ForwardWithSignature()  # type: ignore[assignment]
 
     def __init__(self, original: torch.nn.Module, mirror: torch.nn.Module, policy: Policy, cache_size: int = 8,
-                 fuse: bool = True, compile: bool | dict = False):
+                 fuse: bool | str = "auto", compile: bool | dict = False):
         super().__init__()
         # Register the mirror's top-level children/parameters/buffers under the same names: the
         # state_dict keys are the original's. The mirror root itself is held unregistered.
@@ -106,7 +106,8 @@ class GraphLoraModel(torch.nn.Module):
         self.verification: list[Verification] = []
         #: Structure vs module-name labels of the analysis graph: {"checked": n, "disagreements": [...]}.
         self.label_check: dict = {}
-        #: Replace LoRA branches by the fused graphlora::lora_linear op (fuse_lora_linear pass).
+        #: Replace LoRA branches by the fused graphlora::lora_linear op (fuse_lora_linear pass): True, False, or
+        #: "auto" (on devices where the op has kernels of its own: CUDA).
         self.fuse = fuse
         #: torch.compile every program (True, or a dict of torch.compile keyword arguments).
         self.compile = compile
@@ -162,11 +163,15 @@ class GraphLoraModel(torch.nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         result = super()._apply(fn, recurse)
-        # Root-level parameters are registered on both this module and the mirror root.
-        self._eager._parameters.update({k: v for k, v in self._parameters.items() if k in self._eager._parameters})
-        self._eager._buffers.update({k: v for k, v in self._buffers.items() if k in self._eager._buffers})
+        self.sync_mirror_root()
         self.runtime.clear()  # programs bake dtypes and devices: re-trace after .to()
         return result
+
+    def sync_mirror_root(self) -> None:
+        """Root-level parameters and buffers are registered on both this module and the mirror root: after
+        something replaced them here (``.to()``, FSDP2's ``fully_shard``), the mirror root gets the new ones."""
+        self._eager._parameters.update({k: v for k, v in self._parameters.items() if k in self._eager._parameters})
+        self._eager._buffers.update({k: v for k, v in self._buffers.items() if k in self._eager._buffers})
 
     def __getstate__(self):
         _drop_transformers_capture_hooks(self._eager)

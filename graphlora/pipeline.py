@@ -49,6 +49,19 @@ STAGES: tuple[str, ...] = (RECORD_STAGE, EXPORT_STAGE) + tuple(
     dict.fromkeys(p.name for p in ANALYSIS + LABELLING + TRANSFORM))
 
 
+#: ``fuse="auto"`` fuses where the fused op has kernels of its own (Triton on CUDA), and on the meta device
+#: (a meta model previews an accelerator run: its dump shows the fused graph).
+FUSED_KERNEL_DEVICES = frozenset({"cuda", "meta"})
+
+
+def fusion_skip_reason(fuse: bool | str, device_type: str) -> str | None:
+    """Why LoRA branches on ``device_type`` are not fused under the ``fuse`` setting (None: they are)."""
+    if fuse == "auto" and device_type not in FUSED_KERNEL_DEVICES:
+        return (f"fuse='auto' on {device_type}: the fused op has no {device_type} kernels (its reference "
+                "implementation costs more than the unfused branch); fuse=True fuses anyway")
+    return None
+
+
 def head_paths(model: torch.nn.Module) -> frozenset[str]:
     """Module paths of the model's output embedding (the head), tied copies included."""
     heads = set()
@@ -64,7 +77,7 @@ def head_paths(model: torch.nn.Module) -> frozenset[str]:
 class Pipeline:
     """The pass lists of one rewritten model (its policy, fusion setting and observer)."""
 
-    def __init__(self, policy: Policy, fuse: bool = True, observer: Observer | None = None):
+    def __init__(self, policy: Policy, fuse: bool | str = "auto", observer: Observer | None = None):
         self.policy = policy
         self.fuse = fuse
         #: Called as ``observer(stage, graph_module)`` at the first stage of each graph and after every pass.
@@ -105,12 +118,12 @@ class Pipeline:
         ]
 
     def transform(self, program, branches: dict[str, BranchSpec], live: torch.nn.Module, training: bool,
-                  refused: frozenset[str], autocast: bool) -> list:
+                  refused: frozenset[str], autocast: bool, device_type: str = "cpu") -> list:
         passes = [InsertLoraBranchesPass(program, branches, live, training, refused)]
         if self.fuse:
-            passes.append(FuseLoraLinearPass(autocast=autocast))
+            passes.append(FuseLoraLinearPass(autocast=autocast, skip_reason=fusion_skip_reason(self.fuse, device_type)))
         return passes
 
 
-__all__ = ["ANALYSIS", "EXPORT_STAGE", "LABELLING", "Observer", "Pipeline", "RECORD_STAGE", "STAGES", "TRANSFORM",
-           "head_paths"]
+__all__ = ["ANALYSIS", "EXPORT_STAGE", "FUSED_KERNEL_DEVICES", "LABELLING", "Observer", "Pipeline", "RECORD_STAGE",
+           "STAGES", "TRANSFORM", "fusion_skip_reason", "head_paths"]

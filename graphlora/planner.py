@@ -374,9 +374,11 @@ class Planner:
 
     def _verify_blocks(self, call: dict[str, Any], paths: list[str]) -> dict[str, Verification]:
         """Compare every block's program with its eager forward on the block's own inputs (one eager run of
-        the model; each block is checked when it is first called, so only one block's inputs are held)."""
+        the model; each block is checked when it is first called, so only one block's inputs are held). The
+        first block of each class is checked with LoRA gradients, the others on outputs."""
         owner, runtime = self.owner, self.runtime
         results: dict[str, Verification] = {}
+        graded: set[str] = set()  # block classes whose program was checked with gradients
 
         def check(path):
             def pre_hook(module, args, kwargs):
@@ -399,8 +401,12 @@ class Planner:
                         with eager_lora_hooks(owner, sites):
                             return type(module).forward(module, *args, **kwargs)
 
+                    # The first block of a class checks outputs and LoRA gradients; the others run the same graph
+                    # on their own weights and inputs, so outputs decide (no backward: half the cost).
+                    name = runtime.block_class_of[path].name
                     with context:
-                        results[path] = compare(path, traced, eager, params)
+                        results[path] = compare(path, traced, eager, params, gradients=name not in graded)
+                    graded.add(name)
             return pre_hook
 
         handles = [self.mirror.get_submodule(p).register_forward_pre_hook(check(p), with_kwargs=True) for p in paths]
@@ -423,7 +429,7 @@ class Planner:
                 continue
             if site.kind == "linear":
                 module = owner.get_submodule(site.module)
-                module.forward = GlueLoraForward(module, site.scale, site.dropout, owner.switch)
+                module.forward = GlueLoraForward(module, site.scale, site.dropout, owner.switch, owner.fuse)
                 self.glue_forwards.append(site.module)
             else:
                 self.glue_param_sites.append(site)

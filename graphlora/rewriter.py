@@ -48,7 +48,7 @@ def rewrite(
     example_inputs: dict[str, Any] | None = None,
     *,
     cache_size: int = 8,
-    fuse: bool = True,
+    fuse: bool | str = "auto",
     compile: bool | dict = False,
     verify: bool | str = True,
     trace_mode: str = "auto",
@@ -61,8 +61,10 @@ def rewrite(
     batch); when omitted they are synthesised from the model's config for known families.
 
     ``fuse`` replaces each LoRA branch by the fused ``graphlora::lora_linear`` op (Triton kernels on
-    CUDA, a reference implementation elsewhere); ``lora_model.fusion_report()`` says per site whether
-    it was fused and why not.
+    CUDA, a reference implementation elsewhere): ``"auto"`` (the default) where the op has kernels of its
+    own (CUDA; on the CPU its reference implementation costs more than the unfused branch), ``True``
+    everywhere, ``False`` nowhere. ``lora_model.fusion_report()`` says per site whether it was fused and
+    why not.
 
     ``compile=True`` (or a dict of ``torch.compile`` options) compiles every traced program with
     ``torch.compile`` (Inductor; the fused op stays one opaque node with its own backward). The first

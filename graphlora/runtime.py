@@ -370,8 +370,10 @@ class Runtime:
             refused = frozenset(s.name for s in self.owner.skipped_sites)
             live = self.owner if not path else self.owner.get_submodule(path)
             autocast_on = any(enabled for _, enabled, _ in key.autocast)
-            records += self.pipeline.run(
-                self.pipeline.transform(program, self.branches_under(path), live, key.training, refused, autocast_on), gm)
+            device = "cuda" if any("@cuda" in m for metas in key.tensor_meta for m in metas) else \
+                next((p.device.type for p in live.parameters()), "cpu")
+            records += self.pipeline.run(self.pipeline.transform(
+                program, self.branches_under(path), live, key.training, refused, autocast_on, device), gm)
         options = self.owner.compile
         if options:
             options = dict(options) if isinstance(options, dict) else {}

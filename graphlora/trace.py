@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import traceback
+import weakref
 from typing import Any
 
 import sympy
@@ -494,6 +495,8 @@ class Program:
     tensor_names: tuple[str, ...]
     #: What runs the graph: the GraphModule itself, or a torch.compile'd version of it.
     runner: Any = None
+    #: Per live module: where each placeholder's value is read from (built on the first call with it).
+    _feeds: Any = dataclasses.field(default_factory=weakref.WeakKeyDictionary, repr=False, compare=False)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -599,16 +602,44 @@ class Program:
             raise GraphLoraError(f"call structure {spec} does not match the traced structure {self.in_spec}")
         return flat
 
+    def _feed_plan(self, live: torch.nn.Module) -> list[tuple]:
+        """Per slot: ("user", index) or (kind, owner module, attribute name, constant value)."""
+        plan = self._feeds.get(live)
+        if plan is None or len(plan) != len(self.slots):
+            plan = []
+            for slot in self.slots:
+                if slot.kind == "user":
+                    plan.append(("user", int(slot.target)))
+                    continue
+                owner_path, _, attr = slot.target.rpartition(".")
+                owner = _get_attr(live, owner_path, default=None) if owner_path else live
+                if not isinstance(owner, torch.nn.Module):
+                    owner = None  # resolved by name at each call (and reported there if missing)
+                plan.append((slot.kind, owner, attr, slot))
+            self._feeds[live] = plan
+        return plan
+
     def __call__(self, live: torch.nn.Module, flat_inputs: list[Any]) -> Any:
         args = []
-        for slot in self.slots:
-            if slot.kind == "user":
-                args.append(flat_inputs[int(slot.target)])
-            elif slot.kind in ("param", "buffer"):
-                args.append(_get_attr(live, slot.target))
-            else:  # a constant: prefer the live module's tensor of that name (follows .to())
-                live_value = _get_attr(live, slot.target, default=None)
-                args.append(live_value if isinstance(live_value, torch.Tensor) else slot.value)
+        for entry in self._feed_plan(live):
+            kind = entry[0]
+            if kind == "user":
+                args.append(flat_inputs[entry[1]])
+                continue
+            _, owner, attr, slot = entry
+            if owner is None:
+                value = _get_attr(live, slot.target, default=None if kind == "constant" else ...)
+            else:
+                # The module's dicts are read at every call: .to(), load_state_dict and FSDP2 swap tensors in.
+                store = owner._parameters if kind == "param" else owner._buffers if kind == "buffer" else None
+                value = store.get(attr) if store is not None else None
+                if value is None:
+                    value = getattr(owner, attr, None)
+                    if value is None and kind != "constant":
+                        value = _get_attr(live, slot.target)  # raises, naming the attribute
+            if kind == "constant" and not isinstance(value, torch.Tensor):
+                value = slot.value  # a constant that does not live on the module
+            args.append(value)
         outputs = (self.graph_module if self.runner is None else self.runner)(*args)
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)

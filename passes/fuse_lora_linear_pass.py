@@ -70,10 +70,13 @@ def _branch_problem(steps: dict[str, torch.fx.Node]) -> str | None:
 class FuseLoraLinearPass(PassBase):
     name = "fuse_lora_linear"
 
-    def __init__(self, autocast: bool = False, horizontal: bool = True):
+    def __init__(self, autocast: bool = False, horizontal: bool = True, skip_reason: str | None = None):
         super().__init__()
         self.autocast = autocast
         self.horizontal = horizontal
+        #: When set, no branch is fused and every site is reported with this reason (the op has no fast
+        #: kernels on the program's device: its reference implementation is slower than the unfused branch).
+        self.skip_reason = skip_reason
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
@@ -81,8 +84,9 @@ class FuseLoraLinearPass(PassBase):
         eligible = []
         for steps in collect_branches(graph).values():
             site = get_site_step(steps.get("base") or next(iter(steps.values())))[0]
-            problem = ("autocast is on: the fused op has no autocast rule, so the unfused branch runs"
-                       if self.autocast else _branch_problem(steps))
+            problem = self.skip_reason or (
+                "autocast is on: the fused op has no autocast rule, so the unfused branch runs"
+                if self.autocast else _branch_problem(steps))
             if problem is not None:
                 report[site] = {"fused": False, "reason": problem}
                 continue

@@ -86,7 +86,7 @@ def test_checkpointing_with_lora_dropout_recomputes_the_same_mask():
     identically, so gradients equal the run without checkpointing (same seed)."""
     model = zoo.build_tiny_model("llava")
     batch = zoo.tiny_example_inputs("llava", model, text_len=32)
-    plain = graphlora.rewrite(model, {**POLICY, "lora_dropout": 0.2}, example_inputs=batch)
+    plain = graphlora.rewrite(model, {**POLICY, "lora_dropout": 0.2}, example_inputs=batch, fuse=True)
     set_random_lora(plain)
     checkpointed = copy.deepcopy(plain)
     checkpointed.activation_checkpointing_enable()

@@ -92,7 +92,7 @@ def llava_cli(tmp_path_factory):
     out = base / "out"
     done = subprocess.run(
         [sys.executable, "-m", "graphlora", "dump", "llava", "--policy", str(policy), "--out", str(out),
-         "--trace-mode", "whole"],
+         "--trace-mode", "whole", "--fuse", "on"],
         capture_output=True, text=True, timeout=600, cwd=str(ROOT),
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -319,7 +319,8 @@ def test_cli_after_and_only(tmp_path, capsys):
     policy.write_text(POLICY_YAML)
     out = tmp_path / "out"
     rc = main(["dump", "llava", "--policy", str(policy), "--out", str(out), "--after", "insert_lora_branches",
-               "--only", "component=vision,layer=0", "--only", "role=attn.q|attn.v", "--trace-mode", "whole"])
+               "--only", "component=vision,layer=0", "--only", "role=attn.q|attn.v", "--trace-mode", "whole",
+               "--fuse", "on"])
     assert rc == 0
     err = capsys.readouterr().err
     assert re.search(r"^\[graphlora\] insert_lora_branches: \d+\.\d s", err, re.M)
@@ -356,7 +357,7 @@ def test_only_follows_sites_through_fusion(tmp_path, tiny):
     model, inputs = tiny("llava")
     result = dump(model, {"finetune_vision_layers": False}, tmp_path, formats="text",
                   only="module=model.language_model.layers.1.mlp.*", example_inputs=inputs, progress=None,
-                  trace_mode="whole")
+                  trace_mode="whole", fuse=True)
     mlp = {f"model.language_model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
     names = [s.name for s in result.stages]
     for stage in result.stages:
@@ -481,7 +482,8 @@ def test_a_failing_pass_leaves_the_stages_before_it_and_the_error(tmp_path, tiny
 def test_model_traced_by_regions(tmp_path):
     """A model run by regions has one trace per region: each trace's stages follow (``export_2`` ...),
     diffs stay within a trace, and the summary, map and tables describe the regions' graphs."""
-    result = dump("pixtral", "full-vlm", tmp_path, formats="text,json", progress=None, trace_mode="regional")
+    result = dump("pixtral", "full-vlm", tmp_path, formats="text,json", progress=None, trace_mode="regional",
+                  fuse=True)
     traces = sorted({s.trace for s in result.stages})
     assert len(traces) > 1
     firsts = [next(s for s in result.stages if s.trace == t) for t in traces]
@@ -507,9 +509,10 @@ def test_block_programs_dump_describes_the_model_as_a_whole_trace_does(tmp_path,
     model, inputs = tiny(family)
     policy = tmp_path / "p.yaml"
     policy.write_text(POLICY_YAML)
-    blocks = dump(model, policy, tmp_path / "blocks", formats="text,json", example_inputs=inputs, progress=None)
+    blocks = dump(model, policy, tmp_path / "blocks", formats="text,json", example_inputs=inputs, progress=None,
+                  fuse=True)
     whole = dump(model, policy, tmp_path / "whole", formats="text,json", example_inputs=inputs, progress=None,
-                 trace_mode="whole")
+                 trace_mode="whole", fuse=True)
     assert blocks.lora_model.trace_mode == "blocks"
     names = [s.name for s in blocks.stages]
     assert names[:7] == ["record", "strip_tensor_metadata_asserts", "label_by_structure", "cross_check_labels",

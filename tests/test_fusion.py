@@ -44,7 +44,7 @@ def lora_grads(lora_model):
 @pytest.mark.parametrize("trace_mode", ["whole", "blocks"])
 def test_every_llava_site_is_fused_and_matches(tiny, trace_mode):
     model, inputs = tiny("llava")
-    fused = graphlora.rewrite(model, POLICY, inputs, trace_mode=trace_mode)
+    fused = graphlora.rewrite(model, POLICY, inputs, trace_mode=trace_mode, fuse=True)
     unfused = graphlora.rewrite(copy.deepcopy(model), POLICY, inputs, fuse=False, trace_mode=trace_mode)
     set_random_lora(fused)
     set_random_lora(unfused)
@@ -87,7 +87,7 @@ def test_every_llava_site_is_fused_and_matches(tiny, trace_mode):
 
 def test_training_with_dropout_uses_the_seeded_op(tiny):
     model, inputs = tiny("llava")
-    lora_model = graphlora.rewrite(model, dict(lora_dropout=0.3), inputs)
+    lora_model = graphlora.rewrite(model, dict(lora_dropout=0.3), inputs, fuse=True)
     set_random_lora(lora_model)
     lora_model.train()
     counts = None
@@ -109,7 +109,7 @@ def test_training_with_dropout_uses_the_seeded_op(tiny):
 @pytest.mark.parametrize("trace_mode", ["whole", "blocks"])
 def test_unfusable_sites_are_listed_with_reasons(tiny, trace_mode):
     model, inputs = tiny("gemma3")
-    lora_model = graphlora.rewrite(model, POLICY, inputs, trace_mode=trace_mode)
+    lora_model = graphlora.rewrite(model, POLICY, inputs, trace_mode=trace_mode, fuse=True)
     report = lora_model.fusion_report()
     projector = "model.multi_modal_projector.mm_input_projection_weight"
     assert report[projector]["fused"] is False
@@ -124,8 +124,8 @@ def test_unfusable_sites_are_listed_with_reasons(tiny, trace_mode):
 @pytest.mark.slow
 def test_torch_compile_on_cpu_matches_eager_program(tiny):
     model, inputs = tiny("llava")
-    compiled = graphlora.rewrite(model, POLICY, inputs, compile=True)
-    plain = graphlora.rewrite(copy.deepcopy(model), POLICY, inputs)
+    compiled = graphlora.rewrite(model, POLICY, inputs, compile=True, fuse=True)
+    plain = graphlora.rewrite(copy.deepcopy(model), POLICY, inputs, fuse=True)
     set_random_lora(compiled)
     set_random_lora(plain)
     compiled.train()

@@ -174,6 +174,7 @@ def run_family(family: str, args) -> dict:
         median_step_s=statistics.median(times["graphlora"][1:] or times["graphlora"]),
         peft_median_step_s=statistics.median(times["peft"][1:] or times["peft"]),
         first_loss=(losses["graphlora"][0], losses["peft"][0]), last_loss=(losses["graphlora"][-1], losses["peft"][-1]),
+        step_times={k: [round(t, 4) for t in v] for k, v in times.items()}, shapes=shapes,
     )
 
 
