@@ -179,7 +179,10 @@ class _Recorder(TorchFunctionMode):
         inplace = _is_inplace(name) and args and isinstance(args[0], torch.Tensor)
         if not inplace and not any(isinstance(x, torch.Tensor) for x in leaves):
             return out  # metadata (shape, dtype, item, tolist ...): no dataflow edge to record
-        target = _ATEN_TARGETS.get(name) or _stand_in(name)
+        if isinstance(func, torch._ops.OpOverload):
+            target = func  # an op (graphlora::segment_attention ...): the graph holds it as export would
+        else:
+            target = _ATEN_TARGETS.get(name) or _stand_in(name)
         if target is aten._to_copy.default and args and isinstance(args[0], torch.Tensor) and \
                 isinstance(out, torch.Tensor) and out.dtype == args[0].dtype and out.device == args[0].device:
             target = aten.alias.default  # a no-op cast

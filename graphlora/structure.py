@@ -26,6 +26,8 @@ from typing import Iterable
 import torch
 import torch.fx
 
+import graphlora.ops.segment_attention  # noqa: F401 - registers torch.ops.graphlora.segment_attention
+
 aten = torch.ops.aten
 
 IMAGE, TEXT, AUDIO = "image", "text", "audio"
@@ -38,7 +40,7 @@ WEIGHT_VIEW_OPS = {
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.expand.default, aten.contiguous.default,
     aten.type_as.default, aten.clone.default, aten.alias.default,
 }
-SDPA_OPS = {aten.scaled_dot_product_attention.default}
+SDPA_OPS = {aten.scaled_dot_product_attention.default, torch.ops.graphlora.segment_attention.default}
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 ACTIVATION_OPS = {
     aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,

@@ -7,7 +7,12 @@ does ``torch.split(q, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist())`` and attends
 the chunk lengths are tensor *data*, so export sees unbacked sizes and stops
 (``Could not guard on data-dependent expression u0 > 1``).
 
-The same result comes from one attention over the whole packed sequence with a block-diagonal mask:
+With sdpa attention (the default) and no attention dropout, the subclass calls
+``graphlora::segment_attention`` (graphlora/ops/segment_attention.py): one op with static shapes that
+reads the boundaries as data inside and attends segment by segment, at the split's cost. Otherwise
+(eager attention, attention dropout in training) it uses a mask:
+
+the same result comes from one attention over the whole packed sequence with a block-diagonal mask:
 token ``i`` may attend token ``j`` iff both lie in the same ``[cu_seqlens[s], cu_seqlens[s+1])``
 segment. The mask is built from ``cu_seqlens`` with static-shape tensor ops (the sequence length
 and the number of segments are shapes, the boundaries are data), so the graph no longer depends on
@@ -35,6 +40,8 @@ import importlib
 import sys
 
 import torch
+
+import graphlora.ops.segment_attention  # noqa: F401 - registers torch.ops.graphlora.segment_attention
 
 #: (transformers module, class name) of each packed vision attention whose sdpa/eager path splits.
 _TARGETS = [
@@ -78,6 +85,11 @@ def _block_masked_forward(self, hidden_states, cu_seqlens, position_embeddings=N
     q, k = rotary(q, k, cos, sin)
     # [N, heads, d] -> [1, heads, N, d]
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    dropout = 0.0 if not self.training else self.attention_dropout
+    if self.config._attn_implementation == "sdpa" and dropout == 0.0:
+        # The split's cost (sum of the segments' squares, not N x N) in one op whose shapes are static.
+        out = torch.ops.graphlora.segment_attention.default(q, k, v, cu_seqlens.to(torch.int64), self.scaling)
+        return self.proj(out.transpose(1, 2).reshape(seq_len, -1).contiguous())
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_interface(self))
     mask = block_diagonal_mask(cu_seqlens, seq_len, q.dtype)
     out, _ = interface(
@@ -87,7 +99,7 @@ def _block_masked_forward(self, hidden_states, cu_seqlens, position_embeddings=N
         v,
         attention_mask=mask,
         scaling=self.scaling,
-        dropout=0.0 if not self.training else self.attention_dropout,
+        dropout=dropout,
         is_causal=False,
         **kwargs,
     )
