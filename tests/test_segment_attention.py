@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from graphlora.ops import segment_attention as segment_attention_module
 from graphlora.ops.segment_attention import segment_attention
 
 
@@ -22,8 +23,13 @@ def _qkv(n, heads=2, dim=8, dtype=torch.float32, seed=0):
     return [torch.randn(1, heads, n, dim, generator=g, dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
+@pytest.mark.parametrize("kernels", ["cpu-flash", "portable"])
 @pytest.mark.parametrize("lengths", [[7], [3, 5], [4, 1, 6, 2]])
-def test_forward_and_backward_equal_the_split(lengths):
+def test_forward_and_backward_equal_the_split(lengths, kernels, monkeypatch):
+    """Both implementations: the CPU flash kernels, and the portable path (sdpa forward, fp32 backward from the
+    saved log-sum-exp) that other devices take."""
+    if kernels == "portable":
+        monkeypatch.setattr(segment_attention_module, "_uses_cpu_flash", lambda q: False)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     q, k, v = _qkv(sum(lengths))
     grad = torch.randn(1, 2, sum(lengths), 8)

@@ -88,7 +88,7 @@ def _block_masked_forward(self, hidden_states, cu_seqlens, position_embeddings=N
     dropout = 0.0 if not self.training else self.attention_dropout
     if self.config._attn_implementation == "sdpa" and dropout == 0.0:
         # The split's cost (sum of the segments' squares, not N x N) in one op whose shapes are static.
-        out = torch.ops.graphlora.segment_attention.default(q, k, v, cu_seqlens.to(torch.int64), self.scaling)
+        out, _ = torch.ops.graphlora.segment_attention.default(q, k, v, cu_seqlens.to(torch.int64), self.scaling)
         return self.proj(out.transpose(1, 2).reshape(seq_len, -1).contiguous())
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_interface(self))
     mask = block_diagonal_mask(cu_seqlens, seq_len, q.dtype)

@@ -8,12 +8,13 @@ whole sequence traces, but costs ``N x N`` (N = patches in the batch) where the 
 the segments' squares: with 8 images of 1,000 patches that is 8x the attention work and a 256 MB mask
 per block (fp32).
 
-This op gives programs the split's cost: its inputs and output have static shapes (``q, k, v`` and the
-result are ``[1, heads, N, head_dim]``), and it reads the boundaries as data inside, where it runs the
-chunks eagerly with ``scaled_dot_product_attention``. Backward is the op
-``graphlora::segment_attention_backward``, which recomputes each segment's probabilities and applies the
-attention backward to them in fp32 (the forward saves only q, k, v): an opaque op too, so ``torch.compile`` (AOTAutograd) never traces the
-data-dependent split. The fake implementations return tensors of the inputs' shapes, so export,
+This op gives programs the split's cost: its inputs and outputs have static shapes (``q, k, v`` and the
+result are ``[1, heads, N, head_dim]``, the log-sum-exp ``[1, heads, N]``), and it reads the boundaries as
+data inside, where it runs the chunks eagerly: on CPU with the flash kernels sdpa itself picks there
+(forward with log-sum-exp, backward from it, so a step costs what transformers' own split costs), elsewhere
+with ``scaled_dot_product_attention`` and an fp32 backward from the saved log-sum-exp. Backward is the op
+``graphlora::segment_attention_backward``: opaque too, so ``torch.compile`` (AOTAutograd) never traces
+the data-dependent split. The fake implementations return tensors of the inputs' shapes, so export,
 FakeTensor and the meta device see an ordinary op.
 
 No dropout (the caller falls back to the masked path when attention dropout is on in training).
@@ -27,16 +28,39 @@ from torch import Tensor
 
 
 def _chunks(cu_seqlens: Tensor) -> list[int]:
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    bounds = cu_seqlens.tolist()
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
-    lengths = _chunks(cu_seqlens)
+def _split(lengths: list[int], *tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """The tensors' segments along the sequence axis (2), zipped segment by segment."""
     if len(lengths) == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    parts = [F.scaled_dot_product_attention(qi, ki, vi, scale=scale)
-             for qi, ki, vi in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))]
-    return torch.cat(parts, 2)
+        return [tensors]
+    return list(zip(*(t.split(lengths, 2) for t in tensors)))
+
+
+def _cat(parts: list[tuple[Tensor, ...]], axis: int) -> tuple[Tensor, ...]:
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat([p[i] for p in parts], axis) for i in range(len(parts[0])))
+
+
+def _uses_cpu_flash(q: Tensor) -> bool:
+    """The CPU flash kernels (forward with log-sum-exp, backward from it): what sdpa runs on CPU anyway."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """One segment: (softmax(q kᵀ s) v, logsumexp(q kᵀ s) ``[1, heads, L]``, fp32 or fp64)."""
+    if _uses_cpu_flash(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, 0.0, False, scale=scale)
+        return out, lse.to(_lse_dtype(q))
+    lse = torch.logsumexp(q.float() @ k.float().transpose(-1, -2) * scale, dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale), lse.to(_lse_dtype(q))
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
@@ -49,64 +73,78 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
 
 
 @torch.library.custom_op("graphlora::segment_attention", mutates_args=())
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
-    """softmax(q kᵀ · scale) v within each ``[cu_seqlens[s], cu_seqlens[s+1])`` segment of the sequence axis."""
+def segment_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                               scale: float) -> tuple[Tensor, Tensor]:
+    """(softmax(q kᵀ · scale) v, its log-sum-exp ``[1, heads, N]``) within each
+    ``[cu_seqlens[s], cu_seqlens[s+1])`` segment of the sequence axis."""
     _check(q, k, v, cu_seqlens)
-    if int(cu_seqlens[-1]) != q.shape[2] or int(cu_seqlens[0]) != 0:
-        raise ValueError(f"segment_attention: cu_seqlens must run from 0 to the sequence length {q.shape[2]} "
-                         f"(got {cu_seqlens.tolist()})")
-    return _attend(q, k, v, cu_seqlens, scale)
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != q.shape[2] or min(lengths, default=-1) < 0:
+        raise ValueError(f"segment_attention: cu_seqlens must rise from 0 to the sequence length {q.shape[2]} "
+                         f"(got {bounds})")
+    out, lse = _cat([_chunk_forward(*chunk, scale) for chunk in _split(lengths, q, k, v)], 2)
+    return out.contiguous(), lse.contiguous()
 
 
-@segment_attention.register_fake
+@segment_attention_with_lse.register_fake
 def _segment_attention_fake(q, k, v, cu_seqlens, scale):
     _check(q, k, v, cu_seqlens)
-    return q.new_empty((*q.shape[:3], v.shape[3]))
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
-def _chunk_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention backward of one segment, in fp32: P = softmax(q kᵀ s); dv = Pᵀ g; dS = P ⊙ (g vᵀ - rowsum);
-    dq = dS k s; dk = dSᵀ q s."""
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale) v within each ``[cu_seqlens[s], cu_seqlens[s+1])`` segment of the sequence axis."""
+    return torch.ops.graphlora.segment_attention.default(q, k, v, cu_seqlens, scale)[0]
+
+
+def _chunk_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention backward of one segment from its saved output and log-sum-exp."""
+    if _uses_cpu_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+            grad, q, k, v, out, lse, 0.0, False, scale=scale)
+    # P = exp(q kᵀ s - lse); dv = Pᵀ g; dS = P ⊙ (g vᵀ - rowsum(g ⊙ out)); dq = dS k s; dk = dSᵀ q s (fp32)
     qf, kf, vf, gf = (t.float() for t in (q, k, v, grad))
-    probs = torch.softmax(qf @ kf.transpose(-1, -2) * scale, dim=-1)
+    probs = torch.exp(qf @ kf.transpose(-1, -2) * scale - lse.unsqueeze(-1))
     dv = probs.transpose(-1, -2) @ gf
-    dp = gf @ vf.transpose(-1, -2)
-    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+    ds = probs * (gf @ vf.transpose(-1, -2) - (gf * out.float()).sum(-1, keepdim=True))
     dq = ds @ kf * scale
     dk = ds.transpose(-1, -2) @ qf * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @torch.library.custom_op("graphlora::segment_attention_backward", mutates_args=())
-def segment_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
-                               scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of ``segment_attention``, segment by segment (each segment's probabilities recomputed)."""
-    lengths = _chunks(cu_seqlens)
-    parts = [_chunk_backward(*chunk, scale) for chunk in
-             zip(grad.split(lengths, 2), q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))]
-    return tuple(torch.cat([p[i] for p in parts], 2) for i in range(3))
+def segment_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                               cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of ``segment_attention``, segment by segment, from the forward's output and log-sum-exp."""
+    parts = [_chunk_backward(*chunk, scale) for chunk in _split(_chunks(cu_seqlens), grad, q, k, v, out, lse)]
+    return tuple(t.contiguous() for t in _cat(parts, 2))
 
 
 @segment_attention_backward.register_fake
-def _segment_attention_backward_fake(grad, q, k, v, cu_seqlens, scale):
+def _segment_attention_backward_fake(grad, q, k, v, out, lse, cu_seqlens, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, scale = inputs
-    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
     ctx.scale = scale
 
 
-def _backward(ctx, grad):
-    q, k, v, cu_seqlens = ctx.saved_tensors
-    if not any(ctx.needs_input_grad[:3]):
-        return None, None, None, None, None
-    dq, dk, dv = torch.ops.graphlora.segment_attention_backward(grad.contiguous(), q, k, v, cu_seqlens, ctx.scale)
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if not any(need[:3]):
+        return None, None, None, None, None
+    if grad is None:
+        grad = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.graphlora.segment_attention_backward(grad.contiguous(), q, k, v, out, lse, cu_seqlens,
+                                                                ctx.scale)
     return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None
 
 
-segment_attention.register_autograd(_backward, setup_context=_setup_context)
+segment_attention_with_lse.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["segment_attention", "segment_attention_backward"]
+__all__ = ["segment_attention", "segment_attention_backward", "segment_attention_with_lse"]
