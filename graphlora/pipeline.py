@@ -8,7 +8,9 @@ Each trace goes through one labelling list and, when it carries LoRA, the transf
 * **labelling** (a submodule's program: a block class or a region): strip asserts, copy labels from
   the whole-model site table, apply the decisions made once for the whole model, plan the sites (in
   regional mode a region's graph may show parameter matmuls that need sites);
-* **transform**: insert the LoRA branches, fuse them into ``graphlora::lora_linear``.
+* **transform**: insert the LoRA branches, fuse them into ``graphlora::lora_linear``;
+* **lowering** (a program that runs eagerly, not compiled): ops that exist only so that export can trace
+  (``graphlora::segment_attention``) become the eager code they stand for.
 
 The observer (graph dumps) sees the graph at stage ``record`` (an eager recording) or ``export`` (a
 trace) and after every pass; :data:`STAGES` lists the stage names in order.
@@ -28,6 +30,7 @@ from graphlora.passes.fuse_lora_linear_pass import FuseLoraLinearPass
 from graphlora.passes.insert_lora_branches_pass import BranchSpec, InsertLoraBranchesPass
 from graphlora.passes.label_by_structure_pass import LabelByStructurePass
 from graphlora.passes.label_from_site_table_pass import LabelFromSiteTablePass
+from graphlora.passes.lower_segment_attention_pass import LowerSegmentAttentionPass
 from graphlora.passes.mark_unreachable_sites_pass import MarkUnreachableSitesPass
 from graphlora.passes.plan_lora_sites_pass import PlanLoraSitesPass
 from graphlora.passes.select_lora_sites_pass import SelectLoraSitesPass
@@ -44,9 +47,10 @@ ANALYSIS = (StripTensorMetadataAssertsPass, LabelByStructurePass, CrossCheckLabe
             MarkUnreachableSitesPass, PlanLoraSitesPass)
 LABELLING = (StripTensorMetadataAssertsPass, LabelFromSiteTablePass, ApplySiteDecisionsPass, PlanLoraSitesPass)
 TRANSFORM = (InsertLoraBranchesPass, FuseLoraLinearPass)
+LOWERING = (LowerSegmentAttentionPass,)
 #: Every stage name a dump can show, in pipeline order.
 STAGES: tuple[str, ...] = (RECORD_STAGE, EXPORT_STAGE) + tuple(
-    dict.fromkeys(p.name for p in ANALYSIS + LABELLING + TRANSFORM))
+    dict.fromkeys(p.name for p in ANALYSIS + LABELLING + TRANSFORM + LOWERING))
 
 
 #: ``fuse="auto"`` fuses where the fused op has kernels of its own (Triton on CUDA), and on the meta device
@@ -124,6 +128,13 @@ class Pipeline:
             passes.append(FuseLoraLinearPass(autocast=autocast, skip_reason=fusion_skip_reason(self.fuse, device_type)))
         return passes
 
+    def lowering(self, gm: torch.fx.GraphModule, compiled: bool) -> list:
+        """Passes for a program that runs eagerly (none for one that ``torch.compile`` compiles), those that
+        apply to ``gm``."""
+        if compiled:
+            return []
+        return [p() for p in LOWERING if p.applies_to(gm)]
 
-__all__ = ["ANALYSIS", "EXPORT_STAGE", "FUSED_KERNEL_DEVICES", "LABELLING", "Observer", "Pipeline", "RECORD_STAGE",
+
+__all__ = ["ANALYSIS", "EXPORT_STAGE", "FUSED_KERNEL_DEVICES", "LABELLING", "LOWERING", "Observer", "Pipeline", "RECORD_STAGE",
            "STAGES", "TRANSFORM", "fusion_skip_reason", "head_paths"]

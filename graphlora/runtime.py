@@ -375,6 +375,7 @@ class Runtime:
             records += self.pipeline.run(self.pipeline.transform(
                 program, self.branches_under(path), live, key.training, refused, autocast_on, device), gm)
         options = self.owner.compile
+        records += self.pipeline.run(self.pipeline.lowering(gm, compiled=bool(options)), gm)
         if options:
             options = dict(options) if isinstance(options, dict) else {}
             if every_dimension:  # a block program serves every shape: compile it shape-generic once

@@ -23,17 +23,19 @@ def _qkv(n, heads=2, dim=8, dtype=torch.float32, seed=0):
     return [torch.randn(1, heads, n, dim, generator=g, dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
-@pytest.mark.parametrize("kernels", ["cpu-flash", "portable"])
+@pytest.mark.parametrize("kernels", ["cpu-flash", "portable", "eager-lowering"])
 @pytest.mark.parametrize("lengths", [[7], [3, 5], [4, 1, 6, 2]])
 def test_forward_and_backward_equal_the_split(lengths, kernels, monkeypatch):
-    """Both implementations: the CPU flash kernels, and the portable path (sdpa forward, fp32 backward from the
-    saved log-sum-exp) that other devices take."""
+    """Every implementation: the op's CPU flash kernels, its portable path (sdpa forward, fp32 backward from
+    the saved log-sum-exp) that other devices take, and the eager lowering that programs run."""
     if kernels == "portable":
         monkeypatch.setattr(segment_attention_module, "_uses_cpu_flash", lambda q: False)
+    attend = ((lambda *a: segment_attention_module.segment_attention_eager(*a)[0]) if kernels == "eager-lowering"
+              else segment_attention)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     q, k, v = _qkv(sum(lengths))
     grad = torch.randn(1, 2, sum(lengths), 8)
-    out = segment_attention(q, k, v, cu, 0.3)
+    out = attend(q, k, v, cu, 0.3)
     ref_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ref = _reference(*ref_inputs, cu, 0.3)
     torch.testing.assert_close(out, ref)
@@ -61,12 +63,22 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.graphlora.segment_attention.default, (q, k, v, cu, 0.5))
 
 
-def test_bad_boundaries_are_refused():
+@pytest.mark.parametrize("attend", [segment_attention, segment_attention_module.segment_attention_eager],
+                         ids=["op", "eager-lowering"])
+def test_bad_boundaries_are_refused(attend):
     q, k, v = (t.detach() for t in _qkv(5))
     with pytest.raises(ValueError, match="sequence length 5"):
-        segment_attention(q, k, v, torch.tensor([0, 2, 4], dtype=torch.int32), 1.0)
+        attend(q, k, v, torch.tensor([0, 2, 4], dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="integer"):
-        segment_attention(q, k, v, torch.tensor([0.0, 5.0]), 1.0)
+        attend(q, k, v, torch.tensor([0.0, 5.0]), 1.0)
+
+
+def test_eager_lowering_on_meta_calls_the_op():
+    """Meta tensors have no boundary values to read: the lowering falls back to the op's fake shapes."""
+    q, k, v = (torch.empty(1, 2, 6, 8, device="meta") for _ in range(3))
+    out, lse = segment_attention_module.segment_attention_eager(q, k, v, torch.empty(3, dtype=torch.int32,
+                                                                                     device="meta"), 1.0)
+    assert out.shape == (1, 2, 6, 8) and out.device.type == "meta" and lse is None
 
 
 def test_exports_with_a_symbolic_sequence_and_serves_other_boundaries():

@@ -1,4 +1,4 @@
-"""Packed-sequence vision attention that torch.export can trace: a block-diagonal mask, not a split.
+"""Packed-sequence vision attention that torch.export can trace: one segment-attention op, not a split.
 
 Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4V run their vision tower on the patches of *all* images of a
 batch packed into one sequence; ``cu_seqlens`` (cumulative patch counts) say where each image (or,
@@ -9,21 +9,19 @@ the chunk lengths are tensor *data*, so export sees unbacked sizes and stops
 
 With sdpa attention (the default) and no attention dropout, the subclass calls
 ``graphlora::segment_attention`` (graphlora/ops/segment_attention.py): one op with static shapes that
-reads the boundaries as data inside and attends segment by segment, at the split's cost. Otherwise
-(eager attention, attention dropout in training) it uses a mask:
+reads the boundaries as data inside and attends segment by segment, at the split's cost.
 
-the same result comes from one attention over the whole packed sequence with a block-diagonal mask:
-token ``i`` may attend token ``j`` iff both lie in the same ``[cu_seqlens[s], cu_seqlens[s+1])``
-segment. The mask is built from ``cu_seqlens`` with static-shape tensor ops (the sequence length
-and the number of segments are shapes, the boundaries are data), so the graph no longer depends on
-the boundary values: one exported program serves any image sizes that give the same total patch
-count and the same number of segments. Masked entries get the dtype's most negative value, whose
-``exp`` is exactly 0, so the result equals the split computation up to summation order
-(~1e-7 in fp32). Cost: an ``N x N`` mask per block (N = patches in the batch).
+Otherwise (eager attention, or attention dropout in training) it computes one attention over the whole
+packed sequence with a block-diagonal mask: token ``i`` may attend token ``j`` iff both lie in the same
+``[cu_seqlens[s], cu_seqlens[s+1])`` segment. The mask is built from ``cu_seqlens`` with static-shape
+tensor ops (the sequence length and the number of segments are shapes, the boundaries are data), so the
+graph does not depend on the boundary values. Masked entries get the dtype's most negative value, whose
+``exp`` is exactly 0, so the result equals the split computation up to summation order (~1e-7 in fp32).
+Cost: an ``N x N`` mask per block (N = patches in the batch).
 
 How it is installed (``install_block_diagonal_vision_attention``): the ``__class__`` of each vision
 attention module of the given model is swapped for a subclass defined here, whose ``forward``
-builds the mask and otherwise computes what the original does (and calls the original forward
+attends segment by segment as above and otherwise computes what the original does (and calls the original forward
 when a flash-attention implementation is requested: flash varlen kernels take ``cu_seqlens``
 natively). Nothing global changes: the transformers classes and every other model are untouched.
 The swap is per module object; graphlora installs it on its mirror (which holds its own module

@@ -72,17 +72,23 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
                          f"{tuple(cu_seqlens.shape)})")
 
 
+def _checked_lengths(cu_seqlens: Tensor, seq_len: int) -> list[int]:
+    """The segment lengths (one host read); ValueError unless the boundaries rise from 0 to ``seq_len``."""
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != seq_len or min(lengths, default=-1) < 0:
+        raise ValueError(f"segment_attention: cu_seqlens must rise from 0 to the sequence length {seq_len} "
+                         f"(got {bounds})")
+    return lengths
+
+
 @torch.library.custom_op("graphlora::segment_attention", mutates_args=())
 def segment_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
                                scale: float) -> tuple[Tensor, Tensor]:
     """(softmax(q kᵀ · scale) v, its log-sum-exp ``[1, heads, N]``) within each
     ``[cu_seqlens[s], cu_seqlens[s+1])`` segment of the sequence axis."""
     _check(q, k, v, cu_seqlens)
-    bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if bounds[0] != 0 or bounds[-1] != q.shape[2] or min(lengths, default=-1) < 0:
-        raise ValueError(f"segment_attention: cu_seqlens must rise from 0 to the sequence length {q.shape[2]} "
-                         f"(got {bounds})")
+    lengths = _checked_lengths(cu_seqlens, q.shape[2])
     out, lse = _cat([_chunk_forward(*chunk, scale) for chunk in _split(lengths, q, k, v)], 2)
     return out.contiguous(), lse.contiguous()
 
@@ -91,6 +97,30 @@ def segment_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tens
 def _segment_attention_fake(q, k, v, cu_seqlens, scale):
     _check(q, k, v, cu_seqlens)
     return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+def segment_attention_eager(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                            scale: float) -> tuple[Tensor, None]:
+    """``segment_attention`` as plain eager ops: (output, None): what transformers' split computes.
+
+    The lowering of the op for programs that run eagerly (passes/lower_segment_attention_pass.py): one
+    ``scaled_dot_product_attention`` per segment with its native autograd, so a step pays neither the custom
+    op's dispatch nor its Python backward. Data-dependent (the segment lengths become Python ints), so it
+    cannot be traced: on meta or fake tensors and under ``torch.compile`` it calls the op. The log-sum-exp is
+    not computed (None); the lowering applies only where the graph does not read it.
+    """
+    if q.device.type == "meta" or torch.compiler.is_compiling() or _is_fake(q):
+        return torch.ops.graphlora.segment_attention.default(q, k, v, cu_seqlens, scale)[0], None
+    _check(q, k, v, cu_seqlens)
+    lengths = _checked_lengths(cu_seqlens, q.shape[2])
+    outs = [F.scaled_dot_product_attention(*chunk, scale=scale) for chunk in _split(lengths, q, k, v)]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), None
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415 - private, imported where needed
+
+    return is_fake(t)
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
@@ -147,4 +177,4 @@ def _backward(ctx, grad, _grad_lse):
 
 segment_attention_with_lse.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["segment_attention", "segment_attention_backward", "segment_attention_with_lse"]
+__all__ = ["segment_attention", "segment_attention_backward", "segment_attention_eager", "segment_attention_with_lse"]
