@@ -21,6 +21,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import graphlora.ops.segment_attention as segment_attention_ops
 
+_OP = torch.ops.graphlora.segment_attention.default  # registered by the import above
 
 class LowerSegmentAttentionPass(PassBase):
     name = "lower_segment_attention"
@@ -28,14 +29,12 @@ class LowerSegmentAttentionPass(PassBase):
     @staticmethod
     def applies_to(graph_module: torch.fx.GraphModule) -> bool:
         """Whether the graph calls the op (the pipeline runs the pass only then: dumps show no empty stage)."""
-        op = torch.ops.graphlora.segment_attention.default
-        return any(n.op == "call_function" and n.target is op for n in graph_module.graph.nodes)
+        return any(n.op == "call_function" and n.target is _OP for n in graph_module.graph.nodes)
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        op = torch.ops.graphlora.segment_attention.default
         lowered = 0
         for node in graph_module.graph.nodes:
-            if node.op != "call_function" or node.target is not op:
+            if node.op != "call_function" or node.target is not _OP:
                 continue
             users = list(node.users)
             if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in users):

@@ -183,9 +183,9 @@ def run_family(family: str, args) -> dict:
 # ------------------------------------------------------------------------------------------------ meta mode
 def _child_meta(config: str, what: str) -> dict:
     import graphlora
+    from graphlora.errors import GraphLoraError
     from graphlora.families import synthesize_inputs
     from graphlora.model_spec import load_model_spec
-    from graphlora.errors import GraphLoraError
     from graphlora.trace import FORCED_KWARGS, export_call, split_call
 
     path = ROOT / "tests" / "data" / "configs" / config

@@ -25,11 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-
-def _chunks(cu_seqlens: Tensor) -> list[int]:
-    bounds = cu_seqlens.tolist()
-    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+from torch._subclasses.fake_tensor import is_fake
 
 
 def _split(lengths: list[int], *tensors: Tensor) -> list[tuple[Tensor, ...]]:
@@ -109,18 +105,12 @@ def segment_attention_eager(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
     cannot be traced: on meta or fake tensors and under ``torch.compile`` it calls the op. The log-sum-exp is
     not computed (None); the lowering applies only where the graph does not read it.
     """
-    if q.device.type == "meta" or torch.compiler.is_compiling() or _is_fake(q):
+    if q.device.type == "meta" or torch.compiler.is_compiling() or is_fake(q):
         return torch.ops.graphlora.segment_attention.default(q, k, v, cu_seqlens, scale)[0], None
     _check(q, k, v, cu_seqlens)
     lengths = _checked_lengths(cu_seqlens, q.shape[2])
     outs = [F.scaled_dot_product_attention(*chunk, scale=scale) for chunk in _split(lengths, q, k, v)]
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), None
-
-
-def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415 - private, imported where needed
-
-    return is_fake(t)
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
@@ -148,7 +138,8 @@ def _chunk_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
 def segment_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``segment_attention``, segment by segment, from the forward's output and log-sum-exp."""
-    parts = [_chunk_backward(*chunk, scale) for chunk in _split(_chunks(cu_seqlens), grad, q, k, v, out, lse)]
+    lengths = _checked_lengths(cu_seqlens, q.shape[2])
+    parts = [_chunk_backward(*chunk, scale) for chunk in _split(lengths, grad, q, k, v, out, lse)]
     return tuple(t.contiguous() for t in _cat(parts, 2))
 
 
