@@ -37,6 +37,7 @@ from graphlora.trace import (
     FORCED_KWARGS,
     CallKey,
     Program,
+    autocast_state,
     export_call,
     make_call_key,
     record_loss_outputs,
@@ -55,19 +56,36 @@ class TraceCache:
         self._next = 0
         #: Keys of the programs the last :meth:`clear` dropped (trace reasons compare with them).
         self.retired: list[CallKey] = []
+        #: :func:`call_signature` -> entry id of the program that last served a call with that signature.
+        self._served: dict[tuple, int] = {}
 
-    def find(self, key: CallKey, flat_inputs_of) -> tuple[Program, list[Any]] | None:
+    def find(self, key: CallKey, flat_inputs_of, signature: tuple | None = None) -> tuple[Program, list[Any]] | None:
         for ident, (k, program) in self._entries.items():
             if k != key:
                 continue
             flat = flat_inputs_of(program)
             if program.guard.accepts([x for x in flat if isinstance(x, torch.Tensor)]):
                 self._entries.move_to_end(ident)
+                self._remember(signature, ident)
                 return program, flat
         return None
 
-    def put(self, key: CallKey, program: Program) -> None:
+    def served(self, signature: tuple) -> Program | None:
+        """The program that last served a call with this :func:`call_signature` (if still cached)."""
+        ident = self._served.get(signature)
+        entry = self._entries.get(ident) if ident is not None else None
+        return entry[1] if entry is not None else None
+
+    def _remember(self, signature: tuple | None, ident: int) -> None:
+        if signature is None:
+            return
+        if len(self._served) >= 256:  # constants that change at every call (each one is a new trace anyway)
+            self._served.clear()
+        self._served[signature] = ident
+
+    def put(self, key: CallKey, program: Program, signature: tuple | None = None) -> None:
         self._entries[self._next] = (key, program)
+        self._remember(signature, self._next)
         self._next += 1
         while len(self._entries) > self.maxsize:
             self._entries.popitem(last=False)
@@ -76,6 +94,7 @@ class TraceCache:
         if self._entries:
             self.retired = [k for k, _ in self._entries.values()]
         self._entries.clear()
+        self._served.clear()
 
     def programs(self) -> list[tuple[CallKey, Program]]:
         return list(self._entries.values())
@@ -160,6 +179,39 @@ def _key_changes(key: CallKey, other: CallKey) -> list[str]:
 _SIGNATURES: dict[type, inspect.Signature] = {}
 
 
+def call_signature(call: dict[str, Any], training: bool, variant: str) -> tuple | None:
+    """A cheap exact fingerprint of a block call's structure (not its sizes), or None when it has values other
+    than tensors, non-empty tuples of tensors, None and plain scalars.
+
+    Two calls with one signature have the same :class:`~graphlora.trace.CallKey` and flatten alike (each
+    tensor, then each tuple's tensors, in the program's input order), so the program that served one serves the
+    other if its shape guard accepts the sizes: the per-call dispatch then skips splitting, keying and pytree
+    flattening (:meth:`Runtime.block_program`)."""
+    parts: list[tuple] = []
+    for name, value in call.items():
+        if isinstance(value, torch.Tensor):
+            parts.append((name, value.dtype, value.device, value.ndim))
+        elif type(value) is tuple and value and all(isinstance(v, torch.Tensor) for v in value):
+            parts.append((name, tuple((v.dtype, v.device, v.ndim) for v in value)))
+        elif value is None or type(value) in (bool, int, float, str):
+            parts.append((name, type(value), value))
+        else:
+            return None
+    return tuple(parts), training, variant, autocast_state()
+
+
+def _signature_leaves(program: Program, call: dict[str, Any]) -> list[torch.Tensor]:
+    """``program``'s flat inputs from a call that has a :func:`call_signature` (no pytree walk)."""
+    flat: list[torch.Tensor] = []
+    for name in program.tensor_names:
+        value = call[name]
+        if isinstance(value, torch.Tensor):
+            flat.append(value)
+        else:
+            flat.extend(value)
+    return flat
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskRule:
     """What ``attention_mask=None`` means to a block, so that a call without a mask can be given the
@@ -231,7 +283,14 @@ def bind_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, A
 
 def forced_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     """:data:`FORCED_KWARGS` that ``model``'s forward accepts."""
-    params = inspect.signature(model.forward).parameters
+    forward = model.forward
+    if inspect.ismethod(forward) and forward.__func__ is type(model).forward:
+        sig = _SIGNATURES.get(type(model))
+        if sig is None:
+            sig = _SIGNATURES[type(model)] = inspect.signature(type(model).forward)
+        params = dict(list(sig.parameters.items())[1:])  # drop self
+    else:
+        params = inspect.signature(forward).parameters
     takes_any = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
     return {k: v for k, v in FORCED_KWARGS.items() if takes_any or k in params}
 
@@ -496,15 +555,22 @@ class Runtime:
         block_class = self.block_class_of[path]
         if "attention_mask" in call and call["attention_mask"] is None:
             call = self._with_mask(block_class, module, call)
+        cache = self.block_caches[block_class.name]
+        signature = call_signature(call, module.training, self.variant)
+        # Fast path: every block of a class is called alike within a forward, and batch after batch.
+        served = cache.served(signature) if signature is not None else None
+        if served is not None:
+            flat = _signature_leaves(served, call)
+            if served.guard.accepts(flat):
+                return served, flat
         tensors, constants = split_call(call, keep_none=True)
         key = make_call_key(tensors, constants, module.training, self.variant)
-        cache = self.block_caches[block_class.name]
-        found = cache.find(key, lambda program: program.flatten_inputs(tensors))
+        found = cache.find(key, lambda program: program.flatten_inputs(tensors), signature)
         if found is not None:
             return found
         program = self.build(tensors, constants, key, block_class.representative, every_dimension=True,
                              unit=block_class.name, reason=why_new_trace(cache, key))
-        cache.put(key, program)
+        cache.put(key, program, signature)
         return program, program.flatten_inputs(tensors)
 
     def run_block(self, path: str, args: tuple, kwargs: dict):

@@ -140,6 +140,60 @@ def test_new_traces_only_for_mode_dtype_and_adapters_with_the_reason():
     assert "LlamaDecoderLayer: eval mode" in lora_model.trace_log()
 
 
+def test_repeated_block_calls_are_served_by_signature_and_never_across_modes(monkeypatch):
+    import graphlora.runtime as runtime
+
+    model = zoo.build_tiny_model("llava", layers=4).train()
+    lora_model = graphlora.rewrite(model, FULL_VLM, zoo.tiny_example_inputs("llava", model))
+    set_random_lora(lora_model)
+    lora_model(**zoo.tiny_example_inputs("llava", model, seed=1)).loss.backward()
+    keyed = []
+    real_key = runtime.make_call_key
+    monkeypatch.setattr(runtime, "make_call_key", lambda *a, **k: keyed.append(a) or real_key(*a, **k))
+    other = zoo.tiny_example_inputs("llava", model, batch_size=3, text_len=11, pad_tokens=2, seed=2)
+    with torch.no_grad(), EagerLoraReference(model, lora_model):
+        ref = model(**other, use_cache=False).logits
+    with torch.no_grad():
+        torch.testing.assert_close(lora_model(**other).logits, ref, atol=1e-5, rtol=1e-4)
+    assert keyed == []  # new sizes, same signature: no splitting, keying or flattening per block call
+    traces = len(program_traces(lora_model))
+    lora_model.eval()
+    with torch.no_grad():
+        lora_model(**other)
+    assert keyed and all(t.reason == "eval mode" for t in program_traces(lora_model)[traces:])
+
+
+def test_call_signature_is_structure_not_size():
+    from graphlora.runtime import call_signature
+
+    def call(n, **extra):
+        return dict(hidden_states=torch.zeros(2, n, 8), position_embeddings=(torch.zeros(n, 4), torch.zeros(n, 4)),
+                    attention_mask=None, output_attentions=False, **extra)
+
+    assert call_signature(call(5), True, "lora") == call_signature(call(9), True, "lora")
+    assert call_signature(call(5), True, "lora") != call_signature(call(5), False, "lora")
+    assert call_signature(call(5), True, "lora") != call_signature(call(5), True, "base")
+    assert call_signature(call(5), True, "lora") != call_signature(call(5, scale=2), True, "lora")
+    half = call(5)
+    half["hidden_states"] = half["hidden_states"].half()
+    assert call_signature(half, True, "lora") != call_signature(call(5), True, "lora")
+    assert call_signature(call(5, sizes=[1, 2]), True, "lora") is None  # lists, objects: the keyed path
+    assert call_signature(call(5, cache=object()), True, "lora") is None
+
+
+def test_trace_cache_forgets_signatures_of_evicted_programs():
+    from graphlora.runtime import TraceCache
+
+    cache = TraceCache(maxsize=1)
+    first, second = object(), object()
+    cache.put("key-1", first, ("sig-1",))
+    assert cache.served(("sig-1",)) is first
+    cache.put("key-2", second, ("sig-2",))
+    assert cache.served(("sig-1",)) is None and cache.served(("sig-2",)) is second
+    cache.clear()
+    assert cache.served(("sig-2",)) is None
+
+
 class ExportSensitiveMLP(torch.nn.Module):
     """An MLP whose traced numerics differ from eager without any error."""
 
