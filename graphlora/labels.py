@@ -86,7 +86,8 @@ FUSED_STEP = "fused"
 
 
 #: Kinds of trainable matmul. Only ``linear`` and ``param_matmul`` sites can carry LoRA today.
-MATMUL_KINDS = ("linear", "param_linear", "param_matmul", "expert_matmul")
+#: ``param_slice``: a matmul on a slice of a packed 2-D parameter (nn.MultiheadAttention's ``in_proj_weight``).
+MATMUL_KINDS = ("linear", "param_linear", "param_matmul", "expert_matmul", "param_slice")
 
 
 @dataclasses.dataclass(frozen=True)

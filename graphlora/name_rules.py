@@ -39,6 +39,7 @@ _ATTN_LEAF = {
     "k_proj": Role.ATTN_K, "key": Role.ATTN_K, "k": Role.ATTN_K, "wk": Role.ATTN_K, "k_lin": Role.ATTN_K,
     "v_proj": Role.ATTN_V, "value": Role.ATTN_V, "v": Role.ATTN_V, "wv": Role.ATTN_V, "v_lin": Role.ATTN_V,
     "qkv": Role.ATTN_QKV, "qkv_proj": Role.ATTN_QKV, "wqkv": Role.ATTN_QKV, "in_proj": Role.ATTN_QKV,
+    "in_proj_weight": Role.ATTN_QKV,  # nn.MultiheadAttention's packed q/k/v parameter
     "query_key_value": Role.ATTN_QKV, "c_attn": Role.ATTN_QKV,
     "o_proj": Role.ATTN_O, "out_proj": Role.ATTN_O, "proj": Role.ATTN_O, "dense": Role.ATTN_O, "wo": Role.ATTN_O,
     "o": Role.ATTN_O, "out_lin": Role.ATTN_O, "c_proj": Role.ATTN_O, "projection_layer": Role.ATTN_O,

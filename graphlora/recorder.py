@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
+import types
 from typing import Any, Callable, Collection
 
 import torch
@@ -46,7 +47,7 @@ aten = torch.ops.aten
 _ATEN_TARGETS: dict[str, Any] = {
     "linear": aten.linear.default,
     "matmul": aten.matmul.default, "__matmul__": aten.matmul.default, "mm": aten.mm.default,
-    "bmm": aten.bmm.default,
+    "bmm": aten.bmm.default, "baddbmm": aten.baddbmm.default,
     "scaled_dot_product_attention": aten.scaled_dot_product_attention.default,
     "softmax": aten.softmax.int, "_softmax": aten.softmax.int,
     "silu": aten.silu.default, "gelu": aten.gelu.default, "relu": aten.relu.default,
@@ -66,6 +67,23 @@ _ATEN_TARGETS: dict[str, Any] = {
 }
 
 _STAND_INS: dict[str, Callable] = {}
+
+
+def _opened(func: Callable) -> Callable:
+    """``func`` (a Python torch function) with its top-level ``has_torch_function`` check turned off: called
+    under the recorder, the torch functions of its body are recorded one by one instead of ``func`` as one
+    opaque op."""
+    namespace = dict(func.__globals__, has_torch_function=lambda *_: False)
+    opened = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+    opened.__kwdefaults__ = func.__kwdefaults__
+    return opened
+
+
+#: Torch functions recorded from the inside: ``nn.MultiheadAttention`` (SigLIP and Phi-4 pooling heads) runs
+#: its in-projections (slices of one packed weight), attention and out-projection inside this one function;
+#: recorded as one op, its attention would be invisible and its projections unlabelled.
+_OPENED: dict[Callable, Callable] = {torch.nn.functional.multi_head_attention_forward:
+                                     _opened(torch.nn.functional.multi_head_attention_forward)}
 
 
 def _stand_in(name: str) -> Callable:
@@ -173,6 +191,10 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        opened = _OPENED.get(func)
+        if opened is not None:
+            with self:  # torch pops the mode while this method runs: push it again to record the body
+                return opened(*args, **kwargs)
         out = func(*args, **kwargs)
         leaves = pytree.tree_leaves(out)
         name = _op_name(func)

@@ -20,6 +20,7 @@ Everything here reads the graph (dataflow, op types, module-stack *shape*) and n
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections import defaultdict, deque
 from typing import Iterable
 
@@ -40,6 +41,11 @@ WEIGHT_VIEW_OPS = {
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.expand.default, aten.contiguous.default,
     aten.type_as.default, aten.clone.default, aten.alias.default,
 }
+#: Ops that take part of a parameter: the result is a slice of the weight, not a computed activation.
+WEIGHT_SLICE_OPS = {aten.slice.Tensor, aten.narrow.default, aten.select.int, aten.split.Tensor,
+                    aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int, aten.unflatten.int}
+#: ``bias + a @ b`` (nn.MultiheadAttention's masked scores: ``baddbmm(mask, q, k^T)``): operands at 1 and 2.
+BIAS_MATMUL_OPS = {aten.baddbmm.default}
 SDPA_OPS = {aten.scaled_dot_product_attention.default, torch.ops.graphlora.segment_attention.default}
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 ACTIVATION_OPS = {
@@ -94,23 +100,34 @@ class Matmul:
     """A matmul with a trainable weight: the unit graphlora labels and may adapt."""
 
     node: torch.fx.Node
-    kind: str  # "linear" (nn.Linear), "param_linear" (F.linear on a parameter), "param_matmul", "expert_matmul"
+    #: "linear" (nn.Linear), "param_linear" (F.linear on a parameter), "param_matmul", "expert_matmul",
+    #: "param_slice" (a matmul on a slice of a packed 2-D parameter)
+    kind: str
     weight: str  # FQN of the weight parameter
     module: str  # module path the op was called from (innermost stack entry)
     x: torch.fx.Node  # the activation input
+    #: The site name: the Linear's path for ``linear`` (and for a Linear's weight used by F.linear elsewhere,
+    #: as nn.MultiheadAttention does with ``out_proj``), else the parameter's path.
+    site: str = ""
 
 
-def _param_behind(arg, param_of: dict[torch.fx.Node, str]) -> str | None:
-    """The parameter FQN ``arg`` is (a view/cast of), if any."""
-    node = arg
-    for _ in range(8):
+def _param_behind(arg, param_of: dict[torch.fx.Node, str]) -> tuple[str, bool] | None:
+    """``(parameter FQN, sliced)`` when ``arg`` is a view/cast of a parameter, or of a slice of one (the q, k or v
+    rows of a packed in-projection, one expert of a 3-D expert tensor), else None."""
+    node, sliced = arg, False
+    for _ in range(10):
         if not isinstance(node, torch.fx.Node):
             return None
         if node in param_of:
-            return param_of[node]
-        if node.op == "call_function" and node.target in WEIGHT_VIEW_OPS and node.args:
-            node = node.args[0]
-            continue
+            return param_of[node], sliced
+        if node.op == "call_function" and node.args:
+            if node.target in WEIGHT_VIEW_OPS:
+                node = node.args[0]
+                continue
+            if node.target in WEIGHT_SLICE_OPS or (node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node)
+                                                   and node.args[0].target in WEIGHT_SLICE_OPS):
+                node, sliced = node.args[0], True
+                continue
         return None
     return None
 
@@ -125,31 +142,38 @@ def trainable_matmuls(gm: torch.fx.GraphModule, param_of: dict[torch.fx.Node, st
         if node.op != "call_function":
             continue
         if node.target in LINEAR_OPS:
-            weight = _param_behind(node.args[1], param_of)
-            if weight is None:
+            found = _param_behind(node.args[1], param_of)
+            if found is None:
                 continue
             x = node.args[0]
         elif node.target in MATMUL_OPS:
             a, b = node.args[0], node.args[1]
-            wb, wa = _param_behind(b, param_of), _param_behind(a, param_of)
-            if wb is not None:
-                weight, x = wb, a
-            elif wa is not None:
-                weight, x = wa, b
-            else:
+            found, x = _param_behind(b, param_of), a
+            if found is None:
+                found, x = _param_behind(a, param_of), b
+            if found is None:
                 continue
         else:
             continue
+        weight, sliced = found
         stack = module_stack(node.meta, stack_prefix)
         module = stack[-1].path if stack else ""
-        if node.target in LINEAR_OPS:
-            is_module_weight = weight == (f"{module}.weight" if module else "weight")
-            kind = "linear" if is_module_weight and issubclass(module_classes.get(module, object), torch.nn.Linear) \
-                else "param_linear"
+        owner = weight.rpartition(".")[0]
+        param_val = next((p.meta.get("val") for p, f in param_of.items() if f == weight), None)
+        site = weight
+        if param_val is not None and param_val.ndim >= 3:
+            kind = "expert_matmul"
+        elif sliced:
+            kind = "param_slice"
+        elif node.target in LINEAR_OPS:
+            is_linear_weight = weight.endswith("weight") and weight.rpartition(".")[2] == "weight" and \
+                issubclass(module_classes.get(owner, object), torch.nn.Linear)
+            kind = "linear" if is_linear_weight and owner == module else "param_linear"
+            if is_linear_weight:
+                site = owner
         else:
-            param_val = next((p.meta.get("val") for p, f in param_of.items() if f == weight), None)
-            kind = "expert_matmul" if param_val is not None and param_val.ndim >= 3 else "param_matmul"
-        out.append(Matmul(node, kind, weight, module, x))
+            kind = "param_matmul"
+        out.append(Matmul(node, kind, weight, module, x, site))
     return out
 
 
@@ -268,25 +292,34 @@ def attention_cores(graph: torch.fx.Graph) -> list[AttentionCore]:
             q, k, v = node.args[:3]
             cores.append(AttentionCore(q, k, v, node))
         elif node.target in SOFTMAX_OPS:
-            scores = _through_elementwise(node.args[0], MATMUL_OPS, up=True)
+            scores = _through_elementwise(node.args[0], MATMUL_OPS | BIAS_MATMUL_OPS, up=True)
             probs_user = _through_elementwise(node, MATMUL_OPS, up=False)
-            if scores is None or probs_user is None or len(scores.args) < 2 or len(probs_user.args) < 2:
+            if scores is None or probs_user is None or len(probs_user.args) < 2:
                 continue
-            cores.append(AttentionCore(scores.args[0], scores.args[1], probs_user.args[1], probs_user))
+            q_at = 1 if scores.target in BIAS_MATMUL_OPS else 0
+            if len(scores.args) < q_at + 2:
+                continue
+            cores.append(AttentionCore(scores.args[q_at], scores.args[q_at + 1], probs_user.args[1], probs_user))
     return cores
 
 
-def attention_roles(cores: list[AttentionCore], matmul_nodes: set[torch.fx.Node]) -> dict[torch.fx.Node, str]:
-    """q / k / v / qkv / o for matmuls feeding or fed by an attention core (no other matmul between)."""
+def attention_roles(cores: list[AttentionCore], matmul_nodes: set[torch.fx.Node],
+                    claims=None) -> dict[torch.fx.Node, str]:
+    """q / k / v / qkv / o for matmuls feeding or fed by an attention core (no other matmul between).
+
+    ``claims(core, matmul)``, when given, says whether a core may claim a matmul (e.g. only projections inside
+    the module that runs the core)."""
     slots: dict[torch.fx.Node, set[str]] = defaultdict(set)
     out_role: dict[torch.fx.Node, str] = {}
     for core in cores:
         for slot, arg in (("q", core.q), ("k", core.k), ("v", core.v)):
             if isinstance(arg, torch.fx.Node):
                 for m in nearest_upstream(arg, matmul_nodes):
-                    slots[m].add(slot)
+                    if claims is None or claims(core, m):
+                        slots[m].add(slot)
         for m in nearest_downstream(core.out, matmul_nodes):
-            out_role.setdefault(m, "o")
+            if claims is None or claims(core, m):
+                out_role.setdefault(m, "o")
     roles: dict[torch.fx.Node, str] = {}
     for m, found in slots.items():
         roles[m] = "attn.qkv" if len(found) > 1 else f"attn.{next(iter(found))}"

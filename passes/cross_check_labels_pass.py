@@ -31,8 +31,12 @@ class CrossCheckLabelsPass(PassBase):
         nodes = labelled_nodes(graph_module.graph)
         for node, labels in nodes:
             stack = module_stack(node.meta, self.stack_prefix)
-            if labels.kind != "linear":  # a parameter matmul: the parameter's name is the leaf name
-                stack = stack + [StackEntry(labels.weight, "Parameter")]
+            if labels.kind != "linear":
+                # A parameter matmul: the parameter's name is the leaf name; a Linear's weight used by F.linear
+                # (nn.MultiheadAttention's out_proj): the Linear's.
+                leaf = StackEntry(labels.weight, "Parameter") if labels.module == labels.weight else \
+                    StackEntry(labels.module, "Linear")
+                stack = stack + [leaf]
             by_name_component = component_by_name(stack, self.head_paths)
             by_name_role = role_by_name(stack, by_name_component)
             node.meta.setdefault("custom", {})["graphlora.name_labels"] = [str(by_name_component), str(by_name_role)]

@@ -15,8 +15,8 @@ Rules (graphlora/structure.py has the analyses):
   in its tower's execution order (Mllama's local then global vision stacks: one sequence);
 * inside a language block, a projection that reads pixels but not tokens is a cross-attention key or
   value: every matmul of the attention module that holds it is ``cross_attention``;
-* pixel-only matmuls outside blocks are ``projector`` when downstream of a vision block and upstream of
-  the text stream (between the encoder and the merge), ``vision`` otherwise (patch embeddings before the
+* pixel-only matmuls outside blocks are ``projector`` when they reach the text stream without feeding a
+  vision block (between the encoder and the merge), ``vision`` otherwise (patch embeddings before the
   blocks; a pooling head whose result never meets the text);
 * the matmul(s) that produce ``logits`` with no other matmul in between are the ``head``;
 * roles: projections feeding an attention core's q/k/v (``scaled_dot_product_attention`` or eager
@@ -37,6 +37,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphlora import structure
 from graphlora.labels import Component, NodeLabels, Role, set_labels
+from graphlora.name_rules import module_stack
 
 
 class LabelByStructurePass(PassBase):
@@ -81,7 +82,7 @@ class LabelByStructurePass(PassBase):
 
         vision_block_matmuls = [m.node for m in matmuls
                                 if blocks[m.node] and list_kind.get(blocks[m.node][0]) == structure.IMAGE]
-        after_vision = _downstream_of(graph, vision_block_matmuls)
+        before_vision = structure.ancestors(vision_block_matmuls)
 
         output = graph.output_node()
         flat_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
@@ -114,9 +115,10 @@ class LabelByStructurePass(PassBase):
             elif structure.TEXT in d:
                 comp = Component.LANGUAGE
             elif structure.IMAGE in d:
-                # Between the vision blocks and the text stream: a projector. Downstream of the blocks but never
-                # meeting the text (a pooling head whose result is discarded): still the vision model.
-                projects = m.node in after_vision and m.node in meets_text
+                # Pixels to the text stream, not feeding a vision block: a projector (LLaVA with one CLIP layer reads
+                # the patch embeddings, before any block). Feeding the blocks (a linear patch embedding), or never
+                # meeting the text (a pooling head whose result is discarded): the vision model.
+                projects = m.node in meets_text and m.node not in before_vision
                 comp = Component.PROJECTOR if projects else Component.VISION
             else:
                 comp = Component.OTHER
@@ -134,9 +136,19 @@ class LabelByStructurePass(PassBase):
         for m in matmuls:
             if not blocks[m.node] and components[m.node] in (Component.VISION, Component.LANGUAGE):
                 by_module[m.module.rsplit(".", 1)[0]].append(m.node)
-        loose_roles: dict[torch.fx.Node, str] = {}
+        # Attention outside the blocks (nn.MultiheadAttention in a pooling head): a core claims only the projections
+        # inside the module that runs it, never a block's linears further upstream.
+        module_of = {m.node: m.module for m in matmuls}
+        loose = {n for members in by_module.values() for n in members}
+
+        def inside(core, node) -> bool:
+            stack = module_stack(core.out.meta, self.stack_prefix)
+            home = stack[-1].path if stack else ""
+            return node in loose and (module_of[node] == home or module_of[node].startswith(home + "."))
+
+        loose_roles: dict[torch.fx.Node, str] = structure.attention_roles(cores, mm_nodes, inside)
         for members in by_module.values():
-            loose_roles.update(structure.mlp_roles(members, set(roles) & set(members), mm_nodes))
+            loose_roles.update(structure.mlp_roles(members, set(roles) | set(loose_roles), mm_nodes))
 
         order: dict[str, dict[str, int]] = {"vision": {}, "language": {}}
         for m in matmuls:
@@ -153,10 +165,25 @@ class LabelByStructurePass(PassBase):
             layer = order[tower].get(blk[1]) if (tower and blk) else None
             in_block = blk is not None and comp in (Component.VISION, Component.LANGUAGE, Component.CROSS_ATTENTION)
             role = Role(roles[m.node]) if in_block and m.node in roles else Role(loose_roles.get(m.node, Role.OTHER))
-            site = m.module if m.kind == "linear" else m.weight
-            set_labels(m.node, NodeLabels(comp, role, layer, site, m.kind, m.weight))
+            comp, role = _packed_labels(m, comp, role, matmuls, components, {**roles, **loose_roles})
+            set_labels(m.node, NodeLabels(comp, role, layer, m.site, m.kind, m.weight))
         graph_module.meta["graphlora.towers"] = {t: len(b) for t, b in order.items()}
         return PassResult(graph_module, bool(matmuls))
+
+
+def _packed_labels(m: structure.Matmul, comp: Component, role: Role, matmuls: list[structure.Matmul],
+                   components: dict[torch.fx.Node, Component], roles: dict[torch.fx.Node, str]) -> tuple[Component, Role]:
+    """One component and role per packed parameter. Slices of one weight that feed q, k and v
+    (nn.MultiheadAttention's ``in_proj_weight``) are together ``attn.qkv``, of the component of the slices that
+    read a modality (the query of a pooling head is a parameter: it reads none)."""
+    if m.kind != "param_slice":
+        return comp, role
+    group = [other.node for other in matmuls if other.weight == m.weight]
+    slots = {roles.get(n) for n in group} - {None}
+    if len(slots) > 1 and all(Role(r).is_attention and r != Role.ATTN_O for r in slots):
+        role = Role.ATTN_QKV
+    known = [components[n] for n in group if components[n] != Component.OTHER]
+    return (known[0] if known else comp), role
 
 
 def _reaches(graph: torch.fx.Graph, targets: set[torch.fx.Node]) -> set[torch.fx.Node]:
@@ -167,14 +194,3 @@ def _reaches(graph: torch.fx.Graph, targets: set[torch.fx.Node]) -> set[torch.fx
             found.add(node)
     return found
 
-
-def _downstream_of(graph: torch.fx.Graph, roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
-    seen: set[torch.fx.Node] = set()
-    stack = list(roots)
-    while stack:
-        n = stack.pop()
-        for user in n.users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen

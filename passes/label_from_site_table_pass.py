@@ -49,8 +49,8 @@ class LabelFromSiteTablePass(PassBase):
         matmuls = structure.trainable_matmuls(graph_module, param_of, self.stack_prefix, classes)
         for m in matmuls:
             weight = self._global(m.weight)
-            if m.kind == "linear":
-                site = self._global(m.module)
+            if m.kind in ("linear", "param_linear") and m.site != m.weight:
+                site = self._global(m.site)
                 labels = self.table.get(site) or dataclasses.replace(
                     name_label_for_param(self.root, weight, "linear", self.head_paths), module=site)
             else:

@@ -48,6 +48,10 @@ def lora_owner(root: torch.nn.Module, node: torch.fx.Node, labels: NodeLabels) -
         return labels.module, "out_in", None
     if labels.kind == "expert_matmul":
         return "", "", "a matmul on a 3-D (expert) parameter: LoRA for expert weights is not supported yet"
+    if labels.kind == "param_slice":
+        return "", "", (f"a matmul on a slice of the packed parameter {labels.weight} inside a "
+                        f"{_class_of(root, labels.weight)} (e.g. nn.MultiheadAttention's in-projection when query and "
+                        "key differ): LoRA on a packed parameter is not supported yet")
     if labels.kind == "param_linear":
         return "", "", (f"F.linear on parameter {labels.weight} inside a {_class_of(root, labels.weight)} "
                         "(e.g. nn.MultiheadAttention's packed in-projection): not supported yet")

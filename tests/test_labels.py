@@ -19,6 +19,7 @@ import graphlora
 from graphlora import zoo
 from graphlora.explainer import explain
 from helpers import expand
+from label_truth import CLIP, EXPECTED, H, L, LM, P, V, X, tower  # the truth tables
 
 # The full-VLM preset (both towers, attention and MLP) plus the projector.
 FULL_VLM = dict(
@@ -26,147 +27,6 @@ FULL_VLM = dict(
     finetune_attention_modules=True, finetune_mlp_modules=True, finetune_projector=True,
 )
 
-V, P, X, L, H = "vision", "projector", "cross_attention", "language", "head"
-
-
-def pairs(names: str, roles: str) -> dict[str, str]:
-    """``pairs("self_attn.{q,k}_proj", "attn.{q,k}")`` -> {"self_attn.q_proj": "attn.q", ...}."""
-    left, right = expand(names), expand(roles)
-    assert len(left) == len(right), (names, roles)
-    return dict(zip(left, right))
-
-
-def tower(prefix: str, layers: str, component: str, *parts: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """Every ``prefix.<layer>.<part>`` of the listed layers -> (component, role)."""
-    out = {}
-    for layer in expand(layers):
-        for part in parts:
-            out.update({f"{prefix}.{layer}.{name}": (component, role) for name, role in part.items()})
-    return out
-
-
-def single(component: str, role: str, *names: str) -> dict[str, tuple[str, str]]:
-    return {name: (component, role) for pattern in names for name in expand(pattern)}
-
-
-# -- blocks, by what their linears compute ------------------------------------------------------
-# Llama-style decoder: q/k/v feed SDPA, o reads its output; down(silu(gate(x)) * up(x)).
-LLAMA_ATTN = pairs("self_attn.{q,k,v,o}_proj", "attn.{q,k,v,o}")
-LLAMA_MLP = pairs("mlp.{gate,up,down}_proj", "mlp.{gate,up,down}")
-LLAMA = {**LLAMA_ATTN, **LLAMA_MLP}
-# CLIP / SigLIP / Idefics3 / Phi-4 vision encoder layers: fc2(gelu(fc1(x))): fc1 is up, fc2 down.
-CLIP = {**pairs("self_attn.{q,k,v,out}_proj", "attn.{q,k,v,o}"), **pairs("mlp.fc{1,2}", "mlp.{up,down}")}
-# Pixtral's vision layers: attention + a SwiGLU feed-forward.
-PIXTRAL = {**pairs("attention.{q,k,v,o}_proj", "attn.{q,k,v,o}"),
-           **pairs("feed_forward.{gate,up,down}_proj", "mlp.{gate,up,down}")}
-# InternViT: the attention output projection is called projection_layer.
-INTERNVIT = {**pairs("attention.{q,k,v}_proj", "attn.{q,k,v}"), "attention.projection_layer": "attn.o",
-             **pairs("mlp.fc{1,2}", "mlp.{up,down}")}
-# Qwen-style vision blocks: one fused qkv linear, split after the matmul; proj reads the attention output.
-QWEN_VIT_ATTN = pairs("attn.{qkv,proj}", "attn.{qkv,o}")
-# Mllama / Llama 4 vision layers: q/k/v/o_proj with a GELU MLP fc1 -> fc2.
-META_VIT = {**LLAMA_ATTN, **pairs("mlp.fc{1,2}", "mlp.{up,down}")}
-
-LM = "model.language_model.layers"
-PHI4_HEAD = "model.embed_tokens_extend.image_embed.img_processor.head"
-
-
-def llava_like(vision_prefix: str, vision_block: dict, projector: list[str], lm: str = LM) -> dict:
-    return {
-        **tower(vision_prefix, "{0,1}", V, vision_block),
-        **single(P, "other", *projector),
-        **tower(lm, "{0,1}", L, LLAMA),
-        **single(H, "other", "lm_head"),
-    }
-
-
-# family -> {site name: (component, role)}: every labelled matmul of the full-VLM rewrite.
-EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
-    # LLaVA: CLIP tower (all of it runs; layer 1 is dead weight for the loss, see below), a 2-layer
-    # GELU projector, Llama decoder, untied lm_head.
-    "llava": llava_like("model.vision_tower.encoder.layers", CLIP, ["model.multi_modal_projector.linear_{1,2}"]),
-    "llava_next": llava_like("model.vision_tower.encoder.layers", CLIP, ["model.multi_modal_projector.linear_{1,2}"]),
-    "pixtral": llava_like("model.vision_tower.transformer.layers", PIXTRAL,
-                          ["model.multi_modal_projector.linear_{1,2}"]),
-    # Mistral 3: the patch merger (unfold 2x2 patches -> merging_layer) is the first step of the projector.
-    "mistral3": llava_like("model.vision_tower.transformer.layers", PIXTRAL,
-                           ["model.multi_modal_projector.patch_merger.merging_layer",
-                            "model.multi_modal_projector.linear_{1,2}"]),
-    # Aya Vision: pixel shuffle -> LayerNorm -> linear_1 (SwiGLU, chunked) -> linear_2: all projector;
-    # Cohere2 decoder (parallel attention and MLP) has Llama-named linears.
-    "aya_vision": llava_like("model.vision_tower.encoder.layers", CLIP, ["model.multi_modal_projector.linear_{1,2}"]),
-    "internvl": llava_like("model.vision_tower.encoder.layer", INTERNVIT, ["model.multi_modal_projector.linear_{1,2}"]),
-    "paligemma": llava_like("model.vision_tower.encoder.layers", CLIP, ["model.multi_modal_projector.linear"]),
-    # Gemma 3: the projector has no Linear: avg-pool, RMSNorm, then ``x @ mm_input_projection_weight``.
-    "gemma3": llava_like("model.vision_tower.encoder.layers", CLIP,
-                         ["model.multi_modal_projector.mm_input_projection_weight"]),
-    # Idefics3 / SmolVLM: pixel shuffle + one Linear in the connector.
-    "idefics3": llava_like("model.vision_model.encoder.layers", CLIP, ["model.connector.modality_projection.proj"],
-                           lm="model.text_model.layers"),
-    "smolvlm": llava_like("model.vision_model.encoder.layers", CLIP, ["model.connector.modality_projection.proj"],
-                          lm="model.text_model.layers"),
-    # Qwen2-VL: the merger (LayerNorm, mlp.0, GELU, mlp.2) sits inside the vision tower but is the projector.
-    "qwen2_vl": llava_like("model.visual.blocks", {**QWEN_VIT_ATTN, **pairs("mlp.fc{1,2}", "mlp.{up,down}")},
-                           ["model.visual.merger.mlp.{0,2}"]),
-    "qwen2_5_vl": llava_like("model.visual.blocks",
-                             {**QWEN_VIT_ATTN, **pairs("mlp.{gate,up,down}_proj", "mlp.{gate,up,down}")},
-                             ["model.visual.merger.mlp.{0,2}"]),
-    # Qwen3-VL: the deepstack mergers map block 0's output into decoder layer 0: projectors too.
-    "qwen3_vl": llava_like("model.visual.blocks", {**QWEN_VIT_ATTN, **pairs("mlp.linear_fc{1,2}", "mlp.{up,down}")},
-                           ["model.visual.merger.linear_fc{1,2}", "model.visual.deepstack_merger_list.0.linear_fc{1,2}"]),
-    # GLM-4V: the merger is proj -> norm -> GELU -> down(act(gate) * up): a projector (role other, not
-    # a block); the text MLP has one fused gate_up_proj, chunked in two halves.
-    "glm4v": {
-        **tower("model.visual.blocks", "{0,1}", V, QWEN_VIT_ATTN, pairs("mlp.{gate,up,down}_proj", "mlp.{gate,up,down}")),
-        **single(P, "other", "model.visual.merger.{proj,gate_proj,up_proj,down_proj}"),
-        **tower(LM, "{0,1}", L, LLAMA_ATTN, pairs("mlp.{gate_up,down}_proj", "mlp.{gate_up,down}")),
-        **single(H, "other", "lm_head"),
-    },
-    # Mllama: local vision layers then the global (gated) ones; the projector is a bare Linear; text
-    # layer 1 is a cross-attention layer: its attention reads the image states (cross_attention), its
-    # MLP is an ordinary language MLP.
-    "mllama": {
-        **tower("model.vision_model.transformer.layers", "{0,1}", V, META_VIT),
-        **tower("model.vision_model.global_transformer.layers", "0", V, META_VIT),
-        **single(P, "other", "model.multi_modal_projector"),
-        **tower(LM, "{0,2}", L, LLAMA),
-        **tower(LM, "1", X, pairs("cross_attn.{q,k,v,o}_proj", "attn.{q,k,v,o}")),
-        **tower(LM, "1", L, LLAMA_MLP),
-        **single(H, "other", "lm_head"),
-    },
-    # Llama 4: the unfold-convolution patch embedding is a Linear before the blocks (vision, other); the
-    # pixel-shuffle MLP (vision_adapter) and linear_1 map vision features to the text width: projector.
-    # Text layer 0 is dense; layer 1 is MoE: router (role other), shared expert, and 3-D expert
-    # parameters used by bmm (gate_up chunked in two halves, then down).
-    "llama4": {
-        **single(V, "other", "vision_model.patch_embedding.linear"),
-        **tower("vision_model.model.layers", "{0,1}", V, META_VIT),
-        **single(P, "other", "vision_model.vision_adapter.mlp.fc{1,2}", "multi_modal_projector.linear_1"),
-        **tower("language_model.model.layers", "{0,1}", L, LLAMA_ATTN),
-        **tower("language_model.model.layers", "0", L, pairs("feed_forward.{gate,up,down}_proj", "mlp.{gate,up,down}")),
-        **tower("language_model.model.layers", "1", L, {
-            "feed_forward.router": "other",
-            **pairs("feed_forward.shared_expert.{gate,up,down}_proj", "mlp.{gate,up,down}"),
-            **pairs("feed_forward.experts.{gate_up,down}_proj", "mlp.{gate_up,down}"),
-        }),
-        **single(H, "other", "language_model.lm_head"),
-    },
-    # Phi-4 multimodal: the vision tower lives inside the embedding; its multi-head-attention pooling
-    # head runs but its output is discarded (an MLP of the vision model, outside the layer stack).
-    # img_projection_up -> GELU -> img_projection_down is the projector. The decoder has fused
-    # qkv_proj and gate_up_proj.
-    "phi4_multimodal": {
-        **tower("model.embed_tokens_extend.image_embed.img_processor.encoder.layers", "{0,1}", V, CLIP),
-        **{f"{PHI4_HEAD}.{name}": (V, role) for name, role in {
-            "attention.in_proj_weight": "attn.qkv",  # nn.MultiheadAttention: packed q/k/v, split, F.linear
-            "attention.out_proj": "attn.o",  # an nn.Linear that MultiheadAttention calls with F.linear
-            "mlp.fc1": "mlp.up", "mlp.fc2": "mlp.down"}.items()},
-        **single(P, "other", "model.embed_tokens_extend.image_embed.img_projection_{up,down}"),
-        **tower("model.layers", "{0,1}", L, pairs("self_attn.{qkv,o}_proj", "attn.{qkv,o}"),
-                pairs("mlp.{gate_up,down}_proj", "mlp.{gate_up,down}")),
-        **single(H, "other", "lm_head"),
-    },
-}
 
 # family -> {site: layer}: a few representative sites (block position in its tower; None outside blocks).
 LAYERS: dict[str, dict[str, int | None]] = {
@@ -211,12 +71,7 @@ LAYERS: dict[str, dict[str, int | None]] = {
 
 # Where graphlora's labels differ from the expectations above: (family, site) -> graphlora's answer.
 # Each is one strict xfail; delete the entry when graphlora is fixed (the xfail then fails loudly).
-DISAGREEMENTS: dict[tuple[str, str], str] = {
-    # The (dead) pooling head's nn.MultiheadAttention: the packed in-projection is reported by name as a
-    # raw parameter of role other; the out_proj Linear, called functionally, is not listed at all.
-    ("phi4_multimodal", f"{PHI4_HEAD}.attention.in_proj_weight"): "('vision', 'other')",
-    ("phi4_multimodal", f"{PHI4_HEAD}.attention.out_proj"): "nothing: the site is not listed",
-}
+DISAGREEMENTS: dict[tuple[str, str], str] = {}
 
 # Families whose explain() itself fails today: family -> reason. Their labels are still checked
 # through a fallback (rewrite with every labelled matmul chosen; sites + skipped_sites).
