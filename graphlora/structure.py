@@ -92,6 +92,22 @@ def dependencies(graph: torch.fx.Graph, user_inputs: dict[torch.fx.Node, str | N
     return deps
 
 
+def vocabulary_sizes(graph: torch.fx.Graph, user_inputs: dict[torch.fx.Node, str | None]) -> set[int]:
+    """Rows of the embedding tables that the token inputs index (the vocabulary, as the head's width)."""
+    tokens = {n for n, kind in user_inputs.items() if kind == TEXT}
+    sizes = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.embedding.default and len(node.args) >= 2:
+            # aten.embedding(weight, indices); a recorded F.embedding(indices, weight): the float 2-D one is the table
+            pair = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+            tables = [a for a in pair if isinstance(v := a.meta.get("val"), torch.Tensor) and v.is_floating_point()
+                      and v.ndim == 2]
+            indices = [a for a in pair if a not in tables]
+            if len(tables) == 1 and indices and ancestors(indices) & tokens:
+                sizes.add(int(tables[0].meta["val"].shape[0]))
+    return sizes
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainable matmuls
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ Rules (graphlora/structure.py has the analyses):
 * pixel-only matmuls outside blocks are ``projector`` when they reach the text stream without feeding a
   vision block (between the encoder and the merge), ``vision`` otherwise (patch embeddings before the
   blocks; a pooling head whose result never meets the text);
-* the matmul(s) that produce ``logits`` with no other matmul in between are the ``head``;
+* the matmul(s) that produce ``logits`` with no other matmul in between are the ``head``; when no output is
+  named ``logits``, the matmul(s) nearest to an output whose width is the vocabulary (the rows of the
+  embedding the token ids index);
 * roles: projections feeding an attention core's q/k/v (``scaled_dot_product_attention`` or eager
   ``q k^T -> softmax -> v``) are q/k/v (qkv when several), the one fed by its output is o; inside a
   block, a projection fed by others through activations/products is ``mlp.down``, its feeders
@@ -87,8 +89,15 @@ class LabelByStructurePass(PassBase):
         output = graph.output_node()
         flat_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
         logits_idx = graph_module.meta.get("graphlora.logits_outputs") or []
-        heads = structure.reachable_to([flat_outputs[i] for i in logits_idx if isinstance(flat_outputs[i], torch.fx.Node)],
-                                       mm_nodes)
+        if logits_idx:
+            heads = structure.reachable_to([flat_outputs[i] for i in logits_idx
+                                            if isinstance(flat_outputs[i], torch.fx.Node)], mm_nodes)
+        else:
+            # No output named ``logits`` (a tuple, a dict of other names, the loss alone): the head is a matmul
+            # nearest to an output (through the loss, if that is all it returns) whose width is the vocabulary.
+            vocab = structure.vocabulary_sizes(graph, user_inputs)
+            heads = {n for n in structure.reachable_to([o for o in flat_outputs if isinstance(o, torch.fx.Node)], mm_nodes)
+                     if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].shape[-1] in vocab}
 
         # Cross-attention: pixel-only projections inside language blocks mark their attention module.
         cross_modules = set()

@@ -284,3 +284,32 @@ def test_obfuscated_model_is_rewritten_and_trains(trace_mode):
         assert not any(p.requires_grad for n, p in lora_model.named_parameters() if ".lora_" not in n)
         losses = train_and_check_grads(lora_model, inputs, steps=6)
         assert losses[-1] < losses[0], losses
+
+
+class UnnamedOutputVLM(TinyVLM):
+    """The obfuscated VLM returning its logits under no known name, and not saying which module is the head."""
+
+    get_output_embeddings = None
+
+    def __init__(self, names, form: str):
+        super().__init__(names)
+        self.form = form
+
+    def forward(self, input_ids, pixel_values, labels=None):
+        out = super().forward(input_ids, pixel_values, labels)
+        if self.form == "tuple":
+            return (out.loss, out.logits) if labels is not None else (out.logits,)
+        return {"objective": out.loss, "scores": out.logits}
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+@pytest.mark.parametrize("trace_mode", ["whole", "blocks"])
+def test_the_output_linear_is_the_head_whatever_its_name_and_output_key(form, trace_mode):
+    torch.manual_seed(0)
+    model = UnnamedOutputVLM(OBFUSCATED, form).eval()
+    lora_model = graphlora.rewrite(model, FULL_VLM, example_inputs(), trace_mode=trace_mode, verify=False)
+    rows = {r.name: r for r in lora_model.explain_rows()}
+    assert (str(rows["hd"].component), str(rows["hd"].role)) == ("head", "other")
+    # Only the vocabulary-wide output matmul: the projector's and the blocks' outputs are not the head.
+    assert [name for name, r in rows.items() if str(r.component) == "head"] == ["hd"]
+    assert "hd" not in {s.name for s in lora_model.sites}
