@@ -27,6 +27,14 @@ class NoSitesSelectedError(PolicyError):
     """The policy's flags excluded every candidate linear."""
 
 
+class LabelDisagreementError(PolicyError):
+    """The graph's structure and the module names label a linear differently, and it changes the selection."""
+
+
+class LabelDisagreementWarning(UserWarning):
+    """The graph's structure and the module names label some linears differently (the selection is the same)."""
+
+
 class UnsupportedModelError(GraphLoraError, TypeError):
     """The model (or one of its layers) cannot be rewritten, e.g. a quantized base layer."""
 

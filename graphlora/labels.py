@@ -77,6 +77,7 @@ _KIND = _PREFIX + "kind"
 _WEIGHT = _PREFIX + "weight"
 _SITE = _PREFIX + "site"
 _STEP = _PREFIX + "lora_step"
+_NAME_LABELS = _PREFIX + "name_labels"
 
 #: The fixed node sequence the LoRA insertion pass emits for one site, in graph order.
 #: (``base`` is the original linear; the others are new nodes.) See docs/graph-format.md.
@@ -133,6 +134,16 @@ def get_labels(node: torch.fx.Node) -> NodeLabels | None:
         kind=meta.get(_KIND, "linear"),
         weight=meta.get(_WEIGHT, ""),
     )
+
+
+def set_name_labels(node: torch.fx.Node, component: Component, role: Role) -> None:
+    """The (component, role) the module-name rules give the node (the cross-check of the structural labels)."""
+    _custom(node)[_NAME_LABELS] = [str(component), str(role)]
+
+
+def get_name_labels(node: torch.fx.Node) -> tuple[Component, Role] | None:
+    found = (node.meta.get("custom") or {}).get(_NAME_LABELS)
+    return (Component(found[0]), Role(found[1])) if found else None
 
 
 def set_site_step(node: torch.fx.Node, site: str, step: str) -> None:

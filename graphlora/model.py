@@ -422,8 +422,10 @@ class GraphLoraModel(torch.nn.Module):
             rows += [ExplainRow(s.name, s.component, s.role, s.layer, True, s.r, s.alpha, s.reason)
                      for s in self.sites if s.name not in listed]
         refused = {s.name: s for s in self.skipped_sites}
-        return [dataclasses.replace(r, targeted=False, r=None, alpha=None, skipped=True, reason=refused[r.name].reason)
+        rows = [dataclasses.replace(r, targeted=False, r=None, alpha=None, skipped=True, reason=refused[r.name].reason)
                 if r.name in refused else r for r in rows]
+        names_say = {d["site"]: "/".join(d["names"]) for d in self.label_check.get("disagreements", [])}
+        return [dataclasses.replace(r, names_say=names_say[r.name]) if r.name in names_say else r for r in rows]
 
     def fusion_report(self) -> dict[str, dict]:
         """Per site: ``{"fused": bool, "reason": str}``.

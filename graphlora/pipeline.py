@@ -34,6 +34,7 @@ from graphlora.passes.lower_segment_attention_pass import LowerSegmentAttentionP
 from graphlora.passes.mark_unreachable_sites_pass import MarkUnreachableSitesPass
 from graphlora.passes.plan_lora_sites_pass import PlanLoraSitesPass
 from graphlora.passes.select_lora_sites_pass import SelectLoraSitesPass
+from graphlora.passes.settle_label_disagreements_pass import SettleLabelDisagreementsPass
 from graphlora.passes.strip_tensor_metadata_asserts_pass import StripTensorMetadataAssertsPass
 from graphlora.policy import Policy
 
@@ -44,7 +45,7 @@ RECORD_STAGE = "record"
 EXPORT_STAGE = "export"
 
 ANALYSIS = (StripTensorMetadataAssertsPass, LabelByStructurePass, CrossCheckLabelsPass, SelectLoraSitesPass,
-            MarkUnreachableSitesPass, PlanLoraSitesPass)
+            SettleLabelDisagreementsPass, MarkUnreachableSitesPass, PlanLoraSitesPass)
 LABELLING = (StripTensorMetadataAssertsPass, LabelFromSiteTablePass, ApplySiteDecisionsPass, PlanLoraSitesPass)
 TRANSFORM = (InsertLoraBranchesPass, FuseLoraLinearPass)
 LOWERING = (LowerSegmentAttentionPass,)
@@ -107,6 +108,7 @@ class Pipeline:
             LabelByStructurePass(module_classes=classes, stack_prefix=stack_prefix),
             CrossCheckLabelsPass(head_paths=head_paths(root), stack_prefix=stack_prefix),
             SelectLoraSitesPass(self.policy),
+            SettleLabelDisagreementsPass(self.policy),
             MarkUnreachableSitesPass(),
             PlanLoraSitesPass(root),
         ]

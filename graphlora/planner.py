@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import warnings
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
 from graphlora.blocks import BlockClass, block_candidates, block_containing, group_blocks, shape_key
-from graphlora.errors import ExportFailedError, GraphLoraError, TraceMismatchError
+from graphlora.errors import ExportFailedError, GraphLoraError, LabelDisagreementWarning, TraceMismatchError
 from graphlora.labels import SiteDecision, get_decision, labelled_nodes
 from graphlora.lora import LORA_DTYPES, EagerLoraHook, GlueLoraForward, Site, SkippedSite, attach_lora, eager_lora_hooks
 from graphlora.passes.insert_lora_branches_pass import BranchSpec
@@ -125,6 +126,23 @@ def _skipped(labels, reason: str) -> SkippedSite:
     return SkippedSite(labels.module, str(labels.component), str(labels.role), labels.layer, reason)
 
 
+def _warn_disagreements(label_check: dict) -> None:
+    """One warning naming the linears on which structure and names disagree (the settle pass raised for those
+    whose disagreement would change the selection, unless the policy says which labels to trust)."""
+    found = label_check.get("disagreements") or []
+    if not found:
+        return
+    trusted = label_check.get("trusted", "structure")
+    shown = "; ".join(f"{d['site']}: structure {'/'.join(d['structure'])}, names {'/'.join(d['names'])}"
+                      for d in found[:5]) + (f"; ... and {len(found) - 5} more" if len(found) > 5 else "")
+    settled = "trust_labels=names: the names decided" if trusted == "names" else (
+        "trust_labels=structure: the structure decided" if label_check.get("trusted_by_policy") else
+        "the structure decided; the policy selects the same either way")
+    warnings.warn(f"graph structure and module names label {len(found)} linear(s) differently ({settled}): {shown}. "
+                  "See `graphlora explain` (column 'names say') or lora_model.label_check.", LabelDisagreementWarning,
+                  stacklevel=4)
+
+
 def _to_meta(call: dict[str, Any]) -> dict[str, Any]:
     return pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, call)
 
@@ -186,6 +204,7 @@ class Planner:
         gm = program_or_gm.graph_module if isinstance(program_or_gm, Program) else program_or_gm
         if not base:
             self.owner.label_check = dict(gm.meta.get("graphlora.label_check", {}))
+            _warn_disagreements(self.owner.label_check)
         known = {s.name for s in self.owner.sites} | {s.name for s in self.owner.skipped_sites}
         for entry in gm.meta.get("graphlora.site_plan", []):
             if entry.labels.module not in known:

@@ -160,6 +160,12 @@ class Policy(_Strict):
     )
     use_rslora: bool = Field(default=False, description="Scale by lora_alpha / sqrt(r) instead of lora_alpha / r.")
     random_state: int = Field(default=3407, description="Seed of the LoRA weight initialisation.")
+    trust_labels: Literal["structure", "names"] | None = Field(
+        default=None,
+        description="Which labels decide where the graph's structure and the module-name rules disagree on a linear: "
+        "'structure' or 'names'; null (the default) raises an error when a disagreement changes what the policy "
+        "selects, and warns otherwise.",
+    )
     modules_to_save: list[str] | None = Field(
         default=None, description="Modules trained in full and saved with the adapter (PEFT's modules_to_save)."
     )

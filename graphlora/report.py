@@ -22,6 +22,8 @@ class ExplainRow:
     alpha: float | None
     reason: str
     skipped: bool = False
+    #: ``component/role`` by the module-name rules where they disagree with the structural labels, else None.
+    names_say: str | None = None
 
 
 def explain_program(program: Program) -> list[ExplainRow]:
@@ -48,8 +50,10 @@ def explain_program(program: Program) -> list[ExplainRow]:
 
 
 def format_explain(rows: list[ExplainRow]) -> str:
-    """A fixed-width table of explain rows."""
-    header = ("module", "component", "role", "layer", "lora", "r", "alpha", "reason")
+    """A fixed-width table of explain rows (with a ``names say`` column when names and structure disagree)."""
+    disagree = any(row.names_say for row in rows)
+    header = ("module", "component", "role", "layer", "lora", "r", "alpha") + (("names say",) if disagree else ()) + \
+        ("reason",)
     table = [header]
     for row in rows:
         table.append((
@@ -57,8 +61,7 @@ def format_explain(rows: list[ExplainRow]) -> str:
             "yes" if row.targeted else ("skipped" if row.skipped else "no"),
             "-" if row.r is None else str(row.r),
             "-" if row.alpha is None else f"{row.alpha:g}",
-            row.reason,
-        ))
+        ) + ((row.names_say or "-",) if disagree else ()) + (row.reason,))
     widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
     lines = []
     for r in table:

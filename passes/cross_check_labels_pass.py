@@ -1,8 +1,8 @@
 """Cross-check the structural labels against module-name rules; record where they disagree.
 
 Reads: the labels written by ``label_by_structure``, each node's module stack (names and classes) and
-the model's output-embedding paths. Writes: ``node.meta["custom"]["graphlora.name_labels"]`` =
-``[component, role]`` by name rules on every labelled node, and
+the model's output-embedding paths. Writes: the name-rule labels of every labelled node
+(:func:`graphlora.labels.set_name_labels`), and
 ``graph_module.meta["graphlora.label_check"]`` = ``{"checked": n, "disagreements": [{site, structure,
 names}, ...]}``. Guarantees: labels are unchanged — structure decides; disagreements are reported
 (renamed or unseen architectures make name rules fail; a report says so instead of mis-targeting).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from graphlora.labels import labelled_nodes
+from graphlora.labels import labelled_nodes, set_name_labels
 from graphlora.name_rules import StackEntry, component_by_name, module_stack, role_by_name
 
 
@@ -39,7 +39,7 @@ class CrossCheckLabelsPass(PassBase):
                 stack = stack + [leaf]
             by_name_component = component_by_name(stack, self.head_paths)
             by_name_role = role_by_name(stack, by_name_component)
-            node.meta.setdefault("custom", {})["graphlora.name_labels"] = [str(by_name_component), str(by_name_role)]
+            set_name_labels(node, by_name_component, by_name_role)
             if (by_name_component, by_name_role) != (labels.component, labels.role) and labels.module not in seen:
                 seen.add(labels.module)
                 disagreements.append({

@@ -17,16 +17,21 @@ from graphlora.labels import SiteDecision, get_decision, labelled_nodes, set_dec
 from graphlora.structure import ancestors
 
 
+def live_nodes(graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes the training signal depends on: ancestors of the loss (or logits, or every) output."""
+    output = graph_module.graph.output_node()
+    flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    wanted = graph_module.meta.get("graphlora.loss_outputs")
+    roots = [flat[i] for i in wanted] if wanted else flat
+    return ancestors([r for r in roots if isinstance(r, torch.fx.Node)])
+
+
 class MarkUnreachableSitesPass(PassBase):
     name = "mark_unreachable_sites"
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        output = graph_module.graph.output_node()
-        flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
-        wanted = graph_module.meta.get("graphlora.loss_outputs")
         names = graph_module.meta.get("graphlora.loss_output_names", "the model's outputs")
-        roots = [flat[i] for i in wanted] if wanted else flat
-        live = ancestors([r for r in roots if isinstance(r, torch.fx.Node)])
+        live = live_nodes(graph_module)
         # A module called several times is one site: it is live when any of its calls is.
         nodes = labelled_nodes(graph_module.graph)
         live_sites = {labels.module for node, labels in nodes if node in live}

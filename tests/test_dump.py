@@ -515,8 +515,8 @@ def test_block_programs_dump_describes_the_model_as_a_whole_trace_does(tmp_path,
                  trace_mode="whole", fuse=True)
     assert blocks.lora_model.trace_mode == "blocks"
     names = [s.name for s in blocks.stages]
-    assert names[:7] == ["record", "strip_tensor_metadata_asserts", "label_by_structure", "cross_check_labels",
-                         "select_lora_sites", "mark_unreachable_sites", "plan_lora_sites"]
+    assert names[:8] == ["record", "strip_tensor_metadata_asserts", "label_by_structure", "cross_check_labels",
+                         "select_lora_sites", "settle_label_disagreements", "mark_unreachable_sites", "plan_lora_sites"]
     exports = [n for n in names if n.startswith("export")]
     assert len(exports) == len(blocks.lora_model.block_classes()) == 2
     assert {"insert_lora_branches", "fuse_lora_linear"} <= set(names)

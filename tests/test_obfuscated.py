@@ -269,11 +269,16 @@ def test_obfuscated_model_is_rewritten_and_trains(trace_mode):
     assert disagreements, "the obfuscated model's names should not explain its labels"
     assert obfuscated_lora.label_check["checked"] == len(EXPECTED)
     assert sorted(disagreements) == sorted(path_map[n] for n in EXPECTED if n != "lm_head")  # all but the head
+    # ``changes_selection``: by its name labels the policy would choose the linear differently (neutral names
+    # say nothing, so the structure decides: a warning, not an error; tests/test_label_disagreements.py).
     assert disagreements["zq1.blk.0.mx.a0"] == {  # a vision q projection inside a numbered block
-        "site": "zq1.blk.0.mx.a0", "structure": ["vision", "attn.q"], "names": ["language", "other"]}
-    assert disagreements["p0.l0"] == {"site": "p0.l0", "structure": ["projector", "other"], "names": ["other", "other"]}
+        "site": "zq1.blk.0.mx.a0", "structure": ["vision", "attn.q"], "names": ["language", "other"],
+        "changes_selection": True}
+    assert disagreements["p0.l0"] == {"site": "p0.l0", "structure": ["projector", "other"], "names": ["other", "other"],
+                                      "changes_selection": True}
     assert disagreements["tk.st.1.fz.g2"] == {
-        "site": "tk.st.1.fz.g2", "structure": ["language", "mlp.down"], "names": ["language", "other"]}
+        "site": "tk.st.1.fz.g2", "structure": ["language", "mlp.down"], "names": ["language", "other"],
+        "changes_selection": True}
     assert disagreements["zq1.pz"]["structure"] == ["vision", "other"]
     assert "hd" not in disagreements  # the head is found by get_output_embeddings(), not by its name
 
