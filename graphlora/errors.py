@@ -35,6 +35,10 @@ class LabelDisagreementWarning(UserWarning):
     """The graph's structure and the module names label some linears differently (the selection is the same)."""
 
 
+class DeadLoraSitesWarning(UserWarning):
+    """LoRA sites got no gradient (or exactly zero) in their first training backward: they train nothing."""
+
+
 class UnsupportedModelError(GraphLoraError, TypeError):
     """The model (or one of its layers) cannot be rewritten, e.g. a quantized base layer."""
 

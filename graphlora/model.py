@@ -32,6 +32,7 @@ from graphlora.lora import AdapterSwitch, Site, SiteTable, SkippedSite, eager_lo
 from graphlora.pipeline import Pipeline
 from graphlora.planner import Planner, RegionInfo, TraceMode
 from graphlora.policy import Policy
+from graphlora.grad_check import DeadSiteMonitor
 from graphlora.runtime import Runtime, TraceRecord, forced_kwargs
 from graphlora.trace import Program, text_length
 from graphlora.verify import Verification
@@ -116,6 +117,8 @@ class GraphLoraModel(torch.nn.Module):
         self.planner = Planner(self)
         #: The copies of the base weights :meth:`merge` took (``graphlora.adapters.MergeState``), or None.
         self.merge_state = None
+        #: Watches the first training backward for sites that get no gradient (:attr:`dead_sites`).
+        self.dead_site_monitor = DeadSiteMonitor(self)
         self.train(original.training)
 
     # ------------------------------------------------------------------ nn.Module plumbing
@@ -204,6 +207,18 @@ class GraphLoraModel(torch.nn.Module):
     def _forward(self, *args, **kwargs):
         """Run the model (same arguments and output type as the original model's forward)."""
         call = self._bind_call(args, kwargs)
+        out = self._run(call)
+        if self.dead_site_monitor.active and self.training and torch.is_grad_enabled():
+            self.dead_site_monitor.watch(call, out)  # the first training backward(s) only
+        return out
+
+    @property
+    def dead_sites(self) -> list:
+        """Sites whose first training backward gave their ``lora_B`` no gradient or an all-zero one
+        (:class:`graphlora.grad_check.DeadSite`: name, component, fault, likely cause); reported once, as a warning."""
+        return list(self.dead_site_monitor.dead)
+
+    def _run(self, call: dict[str, Any]):
         wants_cache = call.get("use_cache") or call.get("past_key_values") is not None or call.get("cache") is not None
         items = call.get("num_items_in_batch")
         if isinstance(items, (int, float)) and not isinstance(items, bool):

@@ -223,6 +223,7 @@ class Planner:
                     del module._modules[part]
         owner.sites.clear()
         owner.skipped_sites.clear()
+        owner.dead_site_monitor.reset()
         owner.site_table.branches.clear()
         self._generator = None
         self.runtime.clear()
