@@ -58,6 +58,7 @@ class _Entry:
     alpha: float
     key_a: str
     key_b: str
+    experts: int = 1  # a 3-D (expert) parameter: A has r rows per expert, B r columns per expert
 
 
 @dataclasses.dataclass
@@ -93,14 +94,15 @@ def _plan(model: torch.nn.Module, config: dict[str, Any], tensors: dict[str, tor
     # the modules PEFT would adapt, by its rules
     expected: dict[str, _Entry] = {}
 
-    def add(name: str, owner: str, kind: str):
+    def add(name: str, owner: str, kind: str, experts: int = 1):
         if owner in expected:
             raise AdapterError(f"{path}: {expected[owner].name} and {name} both put LoRA on module {owner}; graphlora "
                                "holds one adapter per module")
         r = peft_pattern_value(rank_pattern, name, config["r"])
         alpha = peft_pattern_value(alpha_pattern, name, config["lora_alpha"])
         key = f"{PEFT_PREFIX}{owner}"
-        expected[owner] = _Entry(name, owner, kind, int(r), float(alpha), f"{key}.lora_A.weight", f"{key}.lora_B.weight")
+        expected[owner] = _Entry(name, owner, kind, int(r), float(alpha), f"{key}.lora_A.weight", f"{key}.lora_B.weight",
+                                 experts)
 
     for name, module in modules.items():
         if not name or not peft_targets_module(target_modules, name, linear_names):
@@ -112,10 +114,13 @@ def _plan(model: torch.nn.Module, config: dict[str, Any], tensors: dict[str, tor
                                "LoRA only on nn.Linear modules and raw parameter matmuls")
         add(name, name, "linear")
     for owner, module in modules.items():
-        for pname, _ in module.named_parameters(recurse=False):
-            full = f"{owner}.{pname}" if owner else pname
-            if peft_list_match(full, target_parameters):
-                add(full, owner, "param")
+        matched = [(f"{owner}.{pname}" if owner else pname, param) for pname, param in module.named_parameters(recurse=False)
+                   if peft_list_match(f"{owner}.{pname}" if owner else pname, target_parameters)]
+        # PEFT wraps the module once per targeted parameter, the first (registration order) innermost: the i-th of k
+        # keeps its lora_A / lora_B under k - 1 - i ``base_layer`` segments.
+        for i, (full, param) in enumerate(matched):
+            add(full, owner + ".base_layer" * (len(matched) - 1 - i), "param",
+                int(param.shape[0]) if param.dim() == 3 else 1)
 
     # the file's keys against the expectation
     lora_keys: dict[str, dict[str, str]] = collections.defaultdict(dict)
@@ -144,9 +149,10 @@ def _plan(model: torch.nn.Module, config: dict[str, Any], tensors: dict[str, tor
         a, b = tensors[e.key_a], tensors[e.key_b]
         if a.dim() != 2 or b.dim() != 2:
             raise AdapterError(f"{path}: {e.key_a} {list(a.shape)} and {e.key_b} {list(b.shape)} must be matrices")
-        if a.shape[0] != e.r or b.shape[1] != e.r:
+        if a.shape[0] != e.r * e.experts or b.shape[1] != e.r * e.experts:
+            per = f" x {e.experts} experts" if e.experts > 1 else ""
             raise AdapterError(
-                f"{path}: rank mismatch for {e.name}: {ADAPTER_CONFIG_NAME} says r={e.r}, but {e.key_a} has shape "
+                f"{path}: rank mismatch for {e.name}: {ADAPTER_CONFIG_NAME} says r={e.r}{per}, but {e.key_a} has shape "
                 f"{list(a.shape)} (rank {a.shape[0]}) and {e.key_b} has shape {list(b.shape)} (rank {b.shape[1]})"
             )
         dtypes.add(a.dtype)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from graphlora.errors import GraphLoraError
-from graphlora.lora import Site, lora_delta
+from graphlora.lora import EXPERT_LAYOUTS, Site, lora_delta, param_delta
 
 if TYPE_CHECKING:  # pragma: no cover
     from graphlora.model import GraphLoraModel
@@ -110,6 +110,23 @@ def peft_modules_to_save_hits(model: torch.nn.Module, name: str) -> list[str]:
 def _number(value: float) -> int | float:
     value = float(value)
     return int(value) if value.is_integer() else value
+
+
+def peft_lora_path(lora_model: "GraphLoraModel", site: Site) -> str:
+    """Where PEFT keeps the site's ``lora_A`` / ``lora_B`` (without ``base_model.model.``).
+
+    A Linear or a 2-D parameter: graphlora's own holder path. An expert parameter: PEFT wraps the owning module in
+    one ``lora.ParamWrapper`` per targeted parameter, the first parameter (in the module's registration order)
+    innermost, so the i-th of k sits under ``k - 1 - i`` ``base_layer`` segments."""
+    if site.weight_layout not in EXPERT_LAYOUTS:
+        return site.module
+    owner_path, _, attr = site.name.rpartition(".")
+    adapted = {s.name for s in lora_model.sites if s.weight_layout in EXPERT_LAYOUTS}
+    original = lora_model.base_model  # the model PEFT would wrap (the mirror may register parameters in another order)
+    owner = original.get_submodule(owner_path) if owner_path else original
+    order = [name for name in owner._parameters if f"{owner_path}.{name}" in adapted]
+    depth = len(order) - 1 - order.index(attr)
+    return owner_path + ".base_layer" * depth
 
 
 def _weight_name(site: Site) -> str:
@@ -254,7 +271,7 @@ def _check_peft_can_represent(lora_model: "GraphLoraModel", mts_paths: list[str]
                     f"there (the adapter has lora_dropout={dropout}). Set lora_dropout: 0 to save it."
                 )
             owner_param = lora_model.get_parameter(site.name)
-            if owner_param.dim() != 2:
+            if owner_param.dim() != 2 and site.weight_layout not in EXPERT_LAYOUTS:
                 raise AdapterError(f"cannot save a PEFT adapter: site {site.name} adapts a {owner_param.dim()}-D "
                                    "parameter, which graphlora does not write for PEFT")
         for path in mts_paths:
@@ -382,8 +399,9 @@ def adapter_tensors(lora_model: "GraphLoraModel") -> dict[str, torch.Tensor]:
             # PEFT's ParamWrapper adds B' A' to the parameter as stored ([in, out] here); graphlora's delta
             # is (B A)^T, so B' = A^T and A' = B^T.
             a, b = b.T, a.T
-        out[f"{PEFT_PREFIX}{site.module}.lora_A.weight"] = a.to("cpu").contiguous().clone()
-        out[f"{PEFT_PREFIX}{site.module}.lora_B.weight"] = b.to("cpu").contiguous().clone()
+        path = peft_lora_path(lora_model, site)
+        out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.to("cpu").contiguous().clone()
+        out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.to("cpu").contiguous().clone()
     for path in modules_to_save_paths(lora_model.base_model, lora_model.policy.modules_to_save):
         for key, value in lora_model.get_submodule(path).state_dict().items():
             out[f"{PEFT_PREFIX}{path}.{key}"] = value.detach().to("cpu").contiguous().clone()
@@ -589,12 +607,13 @@ def load_adapter_weights(lora_model: "GraphLoraModel", directory: str | os.PathL
     for site in lora_model.sites:
         module = lora_model.get_submodule(site.module)
         a, b = module.lora_A.weight, module.lora_B.weight
+        path = peft_lora_path(lora_model, site)
         if site.kind != "linear" and site.weight_layout == "in_out":
-            targets[f"{PEFT_PREFIX}{site.module}.lora_A.weight"] = (b, True)
-            targets[f"{PEFT_PREFIX}{site.module}.lora_B.weight"] = (a, True)
+            targets[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (b, True)
+            targets[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (a, True)
         else:
-            targets[f"{PEFT_PREFIX}{site.module}.lora_A.weight"] = (a, False)
-            targets[f"{PEFT_PREFIX}{site.module}.lora_B.weight"] = (b, False)
+            targets[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (a, False)
+            targets[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (b, False)
     for path in modules_to_save_paths(lora_model.base_model, lora_model.policy.modules_to_save):
         for key, value in lora_model.get_submodule(path).state_dict(keep_vars=True).items():
             targets[f"{PEFT_PREFIX}{path}.{key}"] = (value, False)
@@ -640,9 +659,10 @@ def is_merged(lora_model: "GraphLoraModel") -> bool:
 
 def _merged_weight(lora_model: "GraphLoraModel", site: Site, base: torch.Tensor) -> torch.Tensor:
     """``W + s B A`` (transposed for a ``[in, out]`` parameter), computed in fp32, in W's dtype; a new tensor."""
-    delta = lora_delta(lora_model.get_submodule(site.module), site.scale)
-    if site.weight_layout == "in_out":
-        delta = delta.T
+    if site.kind == "linear":
+        delta = lora_delta(lora_model.get_submodule(site.module), site.scale)
+    else:
+        delta = param_delta(lora_model.get_submodule(site.module), site.scale, base, site.weight_layout)
     return (base.detach().float() + delta.to(base.device)).to(base.dtype)
 
 

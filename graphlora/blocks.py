@@ -20,10 +20,12 @@ from typing import Any, Iterable
 
 import torch
 
+from graphlora.lora import EXPERT_HOLDER
+
 #: Attributes that number a layer (used to index a KV cache): not part of a block's key.
 LAYER_COUNTER_ATTRIBUTES = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "block_idx"})
 #: Names of the LoRA modules graphlora attaches to a site module (graphlora/lora.py).
-LORA_MODULES = frozenset({"lora_A", "lora_B"})
+LORA_MODULES = frozenset({"lora_A", "lora_B", EXPERT_HOLDER})
 
 
 def block_candidates(root: torch.nn.Module) -> list[str]:
@@ -69,7 +71,7 @@ def shape_key(module: torch.nn.Module) -> tuple:
     docstring and :func:`lora_key`)."""
     entries = []
     for rel, sub in module.named_modules():
-        if rel.rsplit(".", 1)[-1] in LORA_MODULES:
+        if any(part in LORA_MODULES for part in rel.split(".")):
             continue  # the LoRA branch is keyed by lora_key
         attributes = tuple(sorted(
             (name, _frozen(value)) for name, value in vars(sub).items()

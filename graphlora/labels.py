@@ -84,6 +84,8 @@ _NAME_LABELS = _PREFIX + "name_labels"
 LORA_STEPS: tuple[str, ...] = ("base", "cast_in", "dropout", "lora_a", "lora_b", "scale", "add", "cast_out")
 #: The step tag of a node that computes a whole branch (the fused op).
 FUSED_STEP = "fused"
+#: The step tag of the nodes that add an expert site's LoRA to its parameter (``W + s delta(A, B)``).
+PARAM_STEP = "param_lora"
 
 
 #: Kinds of trainable matmul. Only ``linear`` and ``param_matmul`` sites can carry LoRA today.
@@ -148,7 +150,7 @@ def get_name_labels(node: torch.fx.Node) -> tuple[Component, Role] | None:
 
 def set_site_step(node: torch.fx.Node, site: str, step: str) -> None:
     """Tag ``node`` as step ``step`` (one of :data:`LORA_STEPS`) of the LoRA branch of ``site``."""
-    if step not in LORA_STEPS and step != FUSED_STEP:
+    if step not in LORA_STEPS and step not in (FUSED_STEP, PARAM_STEP):
         raise ValueError(f"unknown LoRA step {step!r}; expected one of {LORA_STEPS + (FUSED_STEP,)}")
     meta = _custom(node)
     meta[_SITE] = site

@@ -110,6 +110,34 @@ def lora_delta(module: torch.nn.Module, scale: float) -> torch.Tensor:
     return scale * (module.lora_B.weight.float() @ module.lora_A.weight.float())
 
 
+#: The ModuleDict (on the module owning expert parameters) that holds each expert site's lora_A / lora_B.
+EXPERT_HOLDER = "lora_experts"
+
+#: Weight layouts of expert sites (3-D parameters ``[E, d1, d2]``), as PEFT's ``lora.ParamWrapper`` reads them:
+#: ``experts``: the delta of expert e is ``B_e A_e`` (``[d1, d2]``); ``experts_t`` (the module says
+#: ``is_transposed``): ``(B_e A_e)^T``. A is ``[r E, .]`` (expert-major rows), B is ``[., r E]`` (expert-minor columns).
+EXPERT_LAYOUTS = ("experts", "experts_t")
+
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``B_e`` as ``[E, out, r]``, ``A_e`` as ``[E, r, in]``) from PEFT-layout ``A [r E, in]`` and ``B [out, r E]``."""
+    a3 = a.reshape(experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+    return b3, a3
+
+
+def param_delta(module: torch.nn.Module, scale: float, weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """The change a parameter site's LoRA makes to ``weight``, in fp32 and in the weight's shape.
+
+    ``out_in``: ``s B A``; ``in_out`` (``y = x W``): its transpose; expert layouts: see :data:`EXPERT_LAYOUTS`."""
+    if layout in EXPERT_LAYOUTS:
+        b3, a3 = expert_factors(module.lora_A.weight.float(), module.lora_B.weight.float(), weight.shape[0])
+        delta = scale * torch.bmm(b3, a3)
+        return delta.transpose(1, 2) if layout == "experts_t" else delta
+    delta = lora_delta(module, scale)
+    return delta.T if layout == "in_out" else delta
+
+
 @contextlib.contextmanager
 def eager_lora_hooks(root: torch.nn.Module, sites: list[Site]) -> Iterator[None]:
     """Apply every site's LoRA to eager calls of ``root`` for the duration of the block.
@@ -130,8 +158,7 @@ def eager_lora_hooks(root: torch.nn.Module, sites: list[Site]) -> Iterator[None]
             owner = root.get_submodule(owner_path)
             weight = owner._parameters.pop(attr)
             swapped.append((owner, attr, weight))
-            delta = lora_delta(module, site.scale)
-            owner.__dict__[attr] = weight + (delta.T if site.weight_layout == "in_out" else delta).to(weight.dtype)
+            owner.__dict__[attr] = weight + param_delta(module, site.scale, weight, site.weight_layout).to(weight.dtype)
         yield
     finally:
         for h in handles:

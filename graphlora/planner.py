@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from graphlora.blocks import BlockClass, block_candidates, block_containing, group_blocks, shape_key
 from graphlora.errors import ExportFailedError, GraphLoraError, LabelDisagreementWarning, TraceMismatchError
 from graphlora.labels import SiteDecision, get_decision, labelled_nodes
-from graphlora.lora import LORA_DTYPES, EagerLoraHook, GlueLoraForward, Site, SkippedSite, attach_lora, eager_lora_hooks
+from graphlora.lora import EXPERT_LAYOUTS, LORA_DTYPES, EagerLoraHook, GlueLoraForward, Site, SkippedSite, attach_lora, eager_lora_hooks
 from graphlora.passes.insert_lora_branches_pass import BranchSpec
 from graphlora.passes.plan_lora_sites_pass import SitePlan
 from graphlora.passes.select_lora_sites_pass import decide_site, decide_sites
@@ -186,7 +186,24 @@ class Planner:
             return
         try:
             weight = owner.get_parameter(labels.weight)
-            attach_lora(owner.get_submodule(entry.owner), entry.in_features, entry.out_features, decision.r,
+            in_features, out_features, rank = entry.in_features, entry.out_features, decision.r
+            if entry.layout in EXPERT_LAYOUTS:
+                if decision.dropout:
+                    owner.skipped_sites.append(_skipped(labels, (
+                        f"LoRA dropout ({decision.dropout}) cannot apply to an expert parameter's LoRA (it is added to "
+                        "the weight, not to an activation; PEFT refuses it too): set dropout: 0 for it (a rule with "
+                        "role mlp.gate_up / mlp.down and dropout: 0) or lora_dropout: 0")))
+                    return
+                experts, d1, d2 = weight.shape
+                out_features, in_features = (d1, d2) if entry.layout == "experts" else (d2, d1)
+                rank = decision.r * experts  # PEFT's ParamWrapper: r rows of A (columns of B) per expert
+                holder_path, _, attr = entry.owner.rpartition(".")
+                parent_path, _, holder_name = holder_path.rpartition(".")
+                parent = owner.get_submodule(parent_path) if parent_path else owner
+                if holder_name not in parent._modules:
+                    parent.add_module(holder_name, torch.nn.ModuleDict())
+                parent._modules[holder_name][attr] = torch.nn.Module()
+            attach_lora(owner.get_submodule(entry.owner), in_features, out_features, rank,
                         LORA_DTYPES[owner.policy.lora_dtype], self.generator, weight.device)
         except ValueError as e:
             owner.skipped_sites.append(_skipped(labels, str(e)))
@@ -197,7 +214,7 @@ class Planner:
                     weight_layout=entry.layout)
         owner.sites.append(site)
         owner.site_table.branches[labels.module] = BranchSpec(scale, site.dropout, f"{entry.owner}.lora_A.weight",
-                                                              f"{entry.owner}.lora_B.weight")
+                                                              f"{entry.owner}.lora_B.weight", entry.layout)
 
     def adopt(self, program_or_gm, base: str = "") -> None:
         """Create sites for the planned sites of a graph that have none yet (while rewriting only)."""
@@ -635,13 +652,15 @@ class Planner:
                 continue
             for name, param in module.named_parameters(recurse=False):
                 fqn = f"{owner_path}.{name}" if owner_path else name
-                if param.ndim != 2 or not param.is_floating_point() or fqn in known:
+                if param.ndim not in (2, 3) or not param.is_floating_point() or fqn in known:
                     continue
-                labels = name_label_for_param(self.mirror, fqn, "param_matmul", heads)
+                kind = "param_matmul" if param.ndim == 2 else "expert_matmul"
+                labels = name_label_for_param(self.mirror, fqn, kind, heads)
                 if decide_site(owner.policy, labels, owner.site_table.towers)[0].targeted:
+                    what = "a raw parameter (used by a matmul?)" if param.ndim == 2 else "a 3-D (expert?) parameter"
                     owner.skipped_sites.append(_skipped(labels, (
-                        "a raw parameter (used by a matmul?) in the eager glue of regional tracing: without a graph "
-                        "graphlora cannot see how it is used, so it is not adapted")))
+                        f"{what} in the eager glue of regional tracing: without a graph graphlora cannot see how it is "
+                        "used, so it is not adapted (trace_mode='blocks' or 'whole' adapts expert parameters)")))
 
     def _try_region(self, path: str, captured, verify: bool) -> RegionInfo:
         owner, runtime = self.owner, self.runtime

@@ -34,7 +34,8 @@ aten = torch.ops.aten
 IMAGE, TEXT, AUDIO = "image", "text", "audio"
 
 LINEAR_OPS = {aten.linear.default}
-MATMUL_OPS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
+MATMUL_OPS = {aten.matmul.default, aten.mm.default, aten.bmm.default,
+              aten._grouped_mm.default}  # transformers' grouped_mm experts: (tokens, W^T, offs)
 #: Ops through which a parameter stays "the weight" of a matmul.
 WEIGHT_VIEW_OPS = {
     aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,

@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
 from graphlora.fx_utils import propagate_fake_value
-from graphlora.labels import get_decision, get_labels, get_site_step, set_decision, set_labels, set_site_step
+from graphlora.labels import PARAM_STEP, get_decision, get_labels, get_site_step, set_decision, set_labels, set_site_step
 from graphlora.trace import fake_mode_of
 
 aten = torch.ops.aten
@@ -45,6 +45,8 @@ def collect_branches(graph: torch.fx.Graph) -> dict[str, dict[str, torch.fx.Node
 def _branch_problem(steps: dict[str, torch.fx.Node]) -> str | None:
     """Why this branch does not have the exact shape the fused op implements (None if it does)."""
     needed = ("base", "cast_in", "dropout", "lora_a", "lora_b", "scale", "add", "cast_out")
+    if PARAM_STEP in steps:
+        return "an expert parameter's LoRA: added to the weight (W + s delta), not a branch on an activation"
     if any(step not in steps for step in needed):
         return "the branch is incomplete (an earlier pass changed it)"
     base, cast_in, drop, la, lb, sc, add, out = (steps[s] for s in needed)

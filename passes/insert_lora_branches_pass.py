@@ -26,7 +26,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphlora.errors import GraphLoraError
 from graphlora.fx_utils import propagate_fake_value
-from graphlora.labels import get_decision, labelled_nodes, set_site_step
+from graphlora.labels import PARAM_STEP, get_decision, labelled_nodes, set_site_step
+from graphlora.lora import EXPERT_LAYOUTS
 from graphlora.trace import Program, fake_mode_of
 
 aten = torch.ops.aten
@@ -40,6 +41,7 @@ class BranchSpec:
     dropout: float
     a_fqn: str
     b_fqn: str
+    layout: str = "out_in"  # the site's weight layout; expert layouts adapt the parameter itself
 
 
 class InsertLoraBranchesPass(PassBase):
@@ -68,6 +70,7 @@ class InsertLoraBranchesPass(PassBase):
         self._params = {target: placeholders[name] for name, (kind, target)
                         in graph_module.meta.get("graphlora.placeholders", {}).items() if kind == "param"}
         targets = [(n, lab) for n, lab in labelled_nodes(graph) if (d := get_decision(n)) is not None and d.targeted]
+        adapted_params: set[str] = set()
         for node, labels in targets:
             site = labels.module
             spec = self.branches.get(site)
@@ -78,6 +81,11 @@ class InsertLoraBranchesPass(PassBase):
                     f"this trace selects {site}, which got no LoRA parameters when the model was rewritten; "
                     "rewrite the model with example inputs that exercise it"
                 )
+            if spec.layout in EXPERT_LAYOUTS:
+                if site not in adapted_params:  # one weight, however many matmuls read (slices of) it
+                    adapted_params.add(site)
+                    self._adapt_parameter(graph, site, labels.weight, spec, fake_mode)
+                continue
             a_node, b_node = self._param_node(spec.a_fqn, fake_mode), self._param_node(spec.b_fqn, fake_mode)
             x = node.args[0]
             y_dtype = node.meta["val"].dtype
@@ -100,3 +108,32 @@ class InsertLoraBranchesPass(PassBase):
                     n.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
                     propagate_fake_value(n, fake_mode)
         return PassResult(graph_module, bool(targets))
+
+    def _adapt_parameter(self, graph: torch.fx.Graph, site: str, weight_fqn: str, spec: BranchSpec, fake_mode) -> None:
+        """Every use of the weight placeholder reads ``W + s delta(A, B)`` instead (PEFT's ParamWrapper), with
+        ``delta`` as :func:`graphlora.lora.param_delta` computes it."""
+        weight = self._params.get(weight_fqn)
+        if weight is None:
+            raise GraphLoraError(f"the program has no placeholder for {weight_fqn}, which expert site {site} adapts")
+        a_node, b_node = self._param_node(spec.a_fqn, fake_mode), self._param_node(spec.b_fqn, fake_mode)
+        w_val = weight.meta["val"]
+        experts = int(w_val.shape[0])
+        first_use = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first_use):
+            a3 = graph.call_function(aten.view.default, (a_node, [experts, -1, int(a_node.meta["val"].shape[-1])]))
+            b2 = graph.call_function(aten.view.default, (b_node, [int(b_node.meta["val"].shape[0]), -1, experts]))
+            b3 = graph.call_function(aten.permute.default, (b2, [2, 0, 1]))
+            delta = graph.call_function(aten.bmm.default, (b3, a3))
+            steps = [a3, b2, b3, delta]
+            if spec.layout == "experts_t":
+                delta = graph.call_function(aten.transpose.int, (delta, 1, 2))
+                steps.append(delta)
+            scaled = graph.call_function(aten.mul.Tensor, (delta, spec.scale))
+            cast = graph.call_function(aten.to.dtype, (scaled, w_val.dtype))
+            adapted = graph.call_function(aten.add.Tensor, (weight, cast))
+            steps += [scaled, cast, adapted]
+        weight.replace_all_uses_with(adapted, delete_user_cb=lambda user: user is not adapted)
+        for n in steps:
+            set_site_step(n, site, PARAM_STEP)
+            n.meta.setdefault("custom", {})["graphlora.base_node"] = weight.name
+            propagate_fake_value(n, fake_mode)

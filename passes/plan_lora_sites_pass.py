@@ -20,6 +20,7 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphlora.labels import NodeLabels, SiteDecision, get_decision, labelled_nodes
+from graphlora.lora import EXPERT_HOLDER
 
 aten = torch.ops.aten
 
@@ -47,7 +48,12 @@ def lora_owner(root: torch.nn.Module, node: torch.fx.Node, labels: NodeLabels) -
     if labels.kind == "linear":
         return labels.module, "out_in", None
     if labels.kind == "expert_matmul":
-        return "", "", "a matmul on a 3-D (expert) parameter: LoRA for expert weights is not supported yet"
+        # Parameter-level LoRA on the expert tensor (PEFT's target_parameters): A and B live in a holder module
+        # next to the parameter, one per expert parameter of the module.
+        owner, _, attr = labels.weight.rpartition(".")
+        module = root.get_submodule(owner) if owner else root
+        layout = "experts_t" if getattr(module, "is_transposed", False) else "experts"
+        return f"{owner + '.' if owner else ''}{EXPERT_HOLDER}.{attr}", layout, None
     if labels.kind == "param_slice":
         return "", "", (f"a matmul on a slice of the packed parameter {labels.weight} inside a "
                         f"{_class_of(root, labels.weight)} (e.g. nn.MultiheadAttention's in-projection when query and "

@@ -93,8 +93,15 @@ class EagerLoraReference:
                 owner_path, _, attr = site.name.rpartition(".")
                 owner = self.original.get_submodule(owner_path)
                 weight = owner._parameters.pop(attr)
-                delta = scale * (b @ a)
-                owner.__dict__[attr] = weight + (delta.T if site.weight_layout == "in_out" else delta).to(weight.dtype)
+                if site.weight_layout in ("experts", "experts_t"):
+                    # PEFT's ParamWrapper: A [r E, in] expert-major rows, B [out, r E] expert-minor columns
+                    e = weight.shape[0]
+                    delta = scale * torch.einsum("ore,eri->eoi", b.reshape(b.shape[0], -1, e), a.reshape(e, -1, a.shape[-1]))
+                    delta = delta.transpose(1, 2) if site.weight_layout == "experts_t" else delta
+                else:
+                    delta = scale * (b @ a)
+                    delta = delta.T if site.weight_layout == "in_out" else delta
+                owner.__dict__[attr] = weight + delta.to(weight.dtype)
                 self._swapped.append((owner, attr, weight))
         return self
 
