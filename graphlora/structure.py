@@ -42,6 +42,14 @@ WEIGHT_VIEW_OPS = {
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.expand.default, aten.contiguous.default,
     aten.type_as.default, aten.clone.default, aten.alias.default,
 }
+def is_grouped_mm(target) -> bool:
+    """A grouped matmul of MoE experts: ``aten._grouped_mm`` or transformers' CPU stand-in
+    (``torch.ops.transformers.grouped_mm_fallback``, registered when transformers' MoE integration loads)."""
+    if target is aten._grouped_mm.default:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and target.name().rpartition("::")[2].startswith("grouped_mm")
+
+
 #: Ops that take part of a parameter: the result is a slice of the weight, not a computed activation.
 WEIGHT_SLICE_OPS = {aten.slice.Tensor, aten.narrow.default, aten.select.int, aten.split.Tensor,
                     aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int, aten.unflatten.int}
@@ -128,7 +136,7 @@ class Matmul:
     site: str = ""
 
 
-def _param_behind(arg, param_of: dict[torch.fx.Node, str]) -> tuple[str, bool] | None:
+def param_behind(arg, param_of: dict[torch.fx.Node, str]) -> tuple[str, bool] | None:
     """``(parameter FQN, sliced)`` when ``arg`` is a view/cast of a parameter, or of a slice of one (the q, k or v
     rows of a packed in-projection, one expert of a 3-D expert tensor), else None."""
     node, sliced = arg, False
@@ -159,15 +167,15 @@ def trainable_matmuls(gm: torch.fx.GraphModule, param_of: dict[torch.fx.Node, st
         if node.op != "call_function":
             continue
         if node.target in LINEAR_OPS:
-            found = _param_behind(node.args[1], param_of)
+            found = param_behind(node.args[1], param_of)
             if found is None:
                 continue
             x = node.args[0]
-        elif node.target in MATMUL_OPS:
+        elif node.target in MATMUL_OPS or is_grouped_mm(node.target):
             a, b = node.args[0], node.args[1]
-            found, x = _param_behind(b, param_of), a
+            found, x = param_behind(b, param_of), a
             if found is None:
-                found, x = _param_behind(a, param_of), b
+                found, x = param_behind(a, param_of), b
             if found is None:
                 continue
         else:

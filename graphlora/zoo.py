@@ -290,22 +290,61 @@ def _qwen3_vl():
     )
 
 
+def _qwen3_vl_moe():
+    # Qwen3-VL-30B-A3B: every decoder layer is MoE (decoder_sparse_step 1, no mlp_only_layers), no shared
+    # expert; softmax top-k router, renormalised. Tiny: 4 experts of width 16, top-2.
+    return transformers.Qwen3VLMoeConfig(
+        vision_config=_qwen_vision(num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        text_config=_text(
+            head_dim=8,
+            rope_parameters={**_MROPE, "mrope_interleaved": True},
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        ),
+        **_QWEN_IDS,
+    )
+
+
+_GLM_IDS = dict(
+    image_start_token_id=250,  # <|begin_of_image|>
+    image_end_token_id=251,  # <|end_of_image|>
+    video_start_token_id=252,
+    video_end_token_id=253,
+    image_token_id=255,
+    video_token_id=254,
+)
+# GLM rotates half of each head (partial_rotary_factor 0.5): head_dim 16 -> 4 rotary pairs
+_GLM_TEXT = dict(
+    head_dim=16, num_attention_heads=2, num_key_value_heads=1, rope_parameters={**_MROPE, "partial_rotary_factor": 0.5}
+)
+
+
 def _glm4v():
     return transformers.Glm4vConfig(
+        vision_config=_qwen_vision(image_size=16), text_config=_text(**_GLM_TEXT), **_GLM_IDS
+    )
+
+
+def _glm4v_moe():
+    # GLM-4.5V: layer 0 dense (first_k_dense_replace 1), later layers MoE with one shared expert next to the
+    # routed ones (sigmoid router with a score-correction bias, one group, renormalised top-k). Tiny: 4
+    # routed experts of width 16, top-2.
+    return transformers.Glm4vMoeConfig(
         vision_config=_qwen_vision(image_size=16),
-        # GLM rotates half of each head (partial_rotary_factor 0.5): head_dim 16 -> 4 rotary pairs
         text_config=_text(
-            head_dim=16,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            rope_parameters={**_MROPE, "partial_rotary_factor": 0.5},
+            **_GLM_TEXT,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
         ),
-        image_start_token_id=250,  # <|begin_of_image|>
-        image_end_token_id=251,  # <|end_of_image|>
-        video_start_token_id=252,
-        video_end_token_id=253,
-        image_token_id=255,
-        video_token_id=254,
+        **_GLM_IDS,
     )
 
 
@@ -377,7 +416,9 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", _qwen2_vl),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", _qwen3_vl),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", _qwen3_vl_moe),
     "glm4v": ("Glm4vForConditionalGeneration", _glm4v),
+    "glm4v_moe": ("Glm4vMoeForConditionalGeneration", _glm4v_moe),
     "mllama": ("MllamaForConditionalGeneration", _mllama),
     "llama4": ("TinyLlama4ForConditionalGeneration", _llama4),  # mends a 5.24 bug, see the class
     "phi4_multimodal": ("Phi4MultimodalForCausalLM", _phi4_multimodal),
@@ -460,9 +501,10 @@ def deepen_config(config, layers: int) -> None:
     """Give a tiny config ``layers`` layers per tower, keeping each family's layer pattern.
 
     Decoder: ``num_hidden_layers`` (Gemma 3 / Cohere 2 ``layer_types`` repeated, Mllama a cross-attention
-    layer every fourth layer). Vision tower: ``num_hidden_layers`` or ``depth`` (Qwen2.5-VL full attention
-    every fourth block, Qwen3-VL deepstack taps every third, Mllama a global layer per four local ones and an
-    intermediate tap every fourth).
+    layer every fourth layer, Llama 4 every second layer MoE, GLM-4.5V's leading dense layers kept but at
+    least one layer MoE; Qwen3-VL-MoE is MoE in every layer). Vision tower: ``num_hidden_layers`` or
+    ``depth`` (Qwen2.5-VL full attention every fourth block, Qwen3-VL deepstack taps every third, Mllama a
+    global layer per four local ones and an intermediate tap every fourth).
     """
     if layers < 1:
         raise ValueError("layers must be >= 1")
@@ -478,6 +520,8 @@ def deepen_config(config, layers: int) -> None:
             text.no_rope_layers = _repeat_pattern(list(text.no_rope_layers), layers)
         if getattr(text, "moe_layers", None) is not None:
             text.moe_layers = [i for i in range(layers) if i % 2 == 1]
+        if getattr(text, "first_k_dense_replace", None) is not None:  # GLM-4.5V: leading dense layers, then MoE
+            text.first_k_dense_replace = min(text.first_k_dense_replace, layers - 1)
     if vision is not None:
         for key in ("num_hidden_layers", "depth"):
             if hasattr(vision, key):

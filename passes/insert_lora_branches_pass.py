@@ -24,6 +24,7 @@ import dataclasses
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from graphlora import structure
 from graphlora.errors import GraphLoraError
 from graphlora.fx_utils import propagate_fake_value
 from graphlora.labels import PARAM_STEP, get_decision, labelled_nodes, set_site_step
@@ -84,7 +85,7 @@ class InsertLoraBranchesPass(PassBase):
             if spec.layout in EXPERT_LAYOUTS:
                 if site not in adapted_params:  # one weight, however many matmuls read (slices of) it
                     adapted_params.add(site)
-                    self._adapt_parameter(graph, site, labels.weight, spec, fake_mode)
+                    self._adapt_parameter(graph, site, self._weight_placeholder(node, site), spec, fake_mode)
                 continue
             a_node, b_node = self._param_node(spec.a_fqn, fake_mode), self._param_node(spec.b_fqn, fake_mode)
             x = node.args[0]
@@ -109,12 +110,20 @@ class InsertLoraBranchesPass(PassBase):
                     propagate_fake_value(n, fake_mode)
         return PassResult(graph_module, bool(targets))
 
-    def _adapt_parameter(self, graph: torch.fx.Graph, site: str, weight_fqn: str, spec: BranchSpec, fake_mode) -> None:
+    def _weight_placeholder(self, node: torch.fx.Node, site: str) -> torch.fx.Node:
+        """The parameter placeholder a matmul's weight operand is (a view or slice of); placeholder targets are
+        relative to the traced module (a block program's), labels are not."""
+        param_of = {ph: fqn for fqn, ph in self._params.items()}
+        for arg in node.args[:2]:
+            found = structure.param_behind(arg, param_of)
+            if found is not None:
+                return self._params[found[0]]
+        raise GraphLoraError(f"expert site {site}: its matmul {node.name} reads no parameter placeholder")
+
+    def _adapt_parameter(self, graph: torch.fx.Graph, site: str, weight: torch.fx.Node, spec: BranchSpec,
+                         fake_mode) -> None:
         """Every use of the weight placeholder reads ``W + s delta(A, B)`` instead (PEFT's ParamWrapper), with
         ``delta`` as :func:`graphlora.lora.param_delta` computes it."""
-        weight = self._params.get(weight_fqn)
-        if weight is None:
-            raise GraphLoraError(f"the program has no placeholder for {weight_fqn}, which expert site {site} adapts")
         a_node, b_node = self._param_node(spec.a_fqn, fake_mode), self._param_node(spec.b_fqn, fake_mode)
         w_val = weight.meta["val"]
         experts = int(w_val.shape[0])

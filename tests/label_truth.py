@@ -51,6 +51,10 @@ INTERNVIT = {**pairs("attention.{q,k,v}_proj", "attn.{q,k,v}"), "attention.proje
              **pairs("mlp.fc{1,2}", "mlp.{up,down}")}
 # Qwen-style vision blocks: one fused qkv linear, split after the matmul; proj reads the attention output.
 QWEN_VIT_ATTN = pairs("attn.{qkv,proj}", "attn.{qkv,o}")
+# MoE feed-forward of Qwen3-VL-MoE / GLM-4.5V: the router (F.linear on ``gate.weight``; its scores go through
+# softmax or sigmoid and top-k and only pick and weight the experts) is role other; the 3-D expert parameters
+# feed per-expert matmuls: gate_up_proj's output is chunked in two halves, act(gate) * up, then down_proj.
+MOE_ROUTED = {"mlp.gate.weight": "other", **pairs("mlp.experts.{gate_up,down}_proj", "mlp.{gate_up,down}")}
 # Mllama / Llama 4 vision layers: q/k/v/o_proj with a GELU MLP fc1 -> fc2.
 META_VIT = {**LLAMA_ATTN, **pairs("mlp.fc{1,2}", "mlp.{up,down}")}
 
@@ -101,12 +105,31 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
     # Qwen3-VL: the deepstack mergers map block 0's output into decoder layer 0: projectors too.
     "qwen3_vl": llava_like("model.visual.blocks", {**QWEN_VIT_ATTN, **pairs("mlp.linear_fc{1,2}", "mlp.{up,down}")},
                            ["model.visual.merger.linear_fc{1,2}", "model.visual.deepstack_merger_list.0.linear_fc{1,2}"]),
+    # Qwen3-VL-MoE: Qwen3-VL's vision tower and mergers; every decoder layer's MLP is a sparse MoE block
+    # (router + routed experts, no shared expert).
+    "qwen3_vl_moe": {
+        **tower("model.visual.blocks", "{0,1}", V, QWEN_VIT_ATTN, pairs("mlp.linear_fc{1,2}", "mlp.{up,down}")),
+        **single(P, "other", "model.visual.merger.linear_fc{1,2}", "model.visual.deepstack_merger_list.0.linear_fc{1,2}"),
+        **tower(LM, "{0,1}", L, LLAMA_ATTN, MOE_ROUTED),
+        **single(H, "other", "lm_head"),
+    },
     # GLM-4V: the merger is proj -> norm -> GELU -> down(act(gate) * up): a projector (role other, not
     # a block); the text MLP has one fused gate_up_proj, chunked in two halves.
     "glm4v": {
         **tower("model.visual.blocks", "{0,1}", V, QWEN_VIT_ATTN, pairs("mlp.{gate,up,down}_proj", "mlp.{gate,up,down}")),
         **single(P, "other", "model.visual.merger.{proj,gate_proj,up_proj,down_proj}"),
         **tower(LM, "{0,1}", L, LLAMA_ATTN, pairs("mlp.{gate_up,down}_proj", "mlp.{gate_up,down}")),
+        **single(H, "other", "lm_head"),
+    },
+    # GLM-4.5V (glm4v_moe): GLM-4V's vision tower and merger; decoder layer 0 is dense with separate
+    # gate/up/down linears (not GLM-4V's fused gate_up_proj); layer 1 is MoE: router, routed experts and a
+    # shared expert (an ordinary SwiGLU MLP on the same input, added to the experts' output).
+    "glm4v_moe": {
+        **tower("model.visual.blocks", "{0,1}", V, QWEN_VIT_ATTN, pairs("mlp.{gate,up,down}_proj", "mlp.{gate,up,down}")),
+        **single(P, "other", "model.visual.merger.{proj,gate_proj,up_proj,down_proj}"),
+        **tower(LM, "{0,1}", L, LLAMA_ATTN),
+        **tower(LM, "0", L, LLAMA_MLP),
+        **tower(LM, "1", L, MOE_ROUTED, pairs("mlp.shared_experts.{gate,up,down}_proj", "mlp.{gate,up,down}")),
         **single(H, "other", "lm_head"),
     },
     # Mllama: local vision layers then the global (gated) ones; the projector is a bare Linear; text

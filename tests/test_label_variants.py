@@ -42,6 +42,7 @@ FREE_PATCH = {"llava": "image_seq_length"}
 PINNED = {
     "llama4": {"vision_intermediate"},  # = hidden / pixel_shuffle_ratio**2: the pixel-shuffle MLP's input
     "glm4v": {"text_heads"},  # head_dim 16 with partial rotary: the rope sections are tied to it
+    "glm4v_moe": {"text_heads"},  # the same
     "qwen2_vl": {"text_heads"},  # its text attention ignores head_dim (hidden / heads) while its rope reads it
     "qwen2_5_vl": {"text_heads"},  # the same
 }

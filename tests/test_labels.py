@@ -55,6 +55,12 @@ LAYERS: dict[str, dict[str, int | None]] = {
     "qwen3_vl": {"model.visual.blocks.1.mlp.linear_fc2": 1, "model.visual.deepstack_merger_list.0.linear_fc1": None,
                  "model.visual.merger.linear_fc2": None, f"{LM}.1.self_attn.q_proj": 1},
     "glm4v": {"model.visual.blocks.0.attn.qkv": 0, "model.visual.merger.gate_proj": None, f"{LM}.1.mlp.gate_up_proj": 1},
+    "qwen3_vl_moe": {"model.visual.blocks.1.attn.proj": 1, "model.visual.deepstack_merger_list.0.linear_fc2": None,
+                     f"{LM}.0.mlp.gate.weight": 0, f"{LM}.0.mlp.experts.gate_up_proj": 0,
+                     f"{LM}.1.mlp.experts.down_proj": 1, "lm_head": None},
+    "glm4v_moe": {"model.visual.blocks.1.mlp.up_proj": 1, "model.visual.merger.proj": None, f"{LM}.0.mlp.down_proj": 0,
+                  f"{LM}.1.mlp.gate.weight": 1, f"{LM}.1.mlp.experts.gate_up_proj": 1,
+                  f"{LM}.1.mlp.shared_experts.up_proj": 1},
     # Mllama: the global vision layers continue the local ones' numbering (one execution order).
     "mllama": {"model.vision_model.transformer.layers.1.self_attn.q_proj": 1,
                "model.vision_model.global_transformer.layers.0.self_attn.q_proj": 2,

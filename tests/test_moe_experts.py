@@ -10,6 +10,7 @@ the loss, PEFT loads the saved adapter with equal outputs, merge and unmerge are
 from __future__ import annotations
 
 import json
+import re
 
 import peft
 import pytest
@@ -42,6 +43,11 @@ def test_the_mlp_flag_selects_every_expert_parameter(family):
     sites = {s.name: s for s in lora_model.sites}
     assert set(experts) <= set(sites), sorted(set(experts) - set(sites))
     assert all(sites[n].kind == "expert_matmul" and sites[n].role.startswith("mlp.") for n in experts)
+    if family != "llama4":  # Llama 4's MoE layer does not export (it runs eagerly, its LoRA on the parameter too)
+        # The grouped_mm MoE blocks run as programs (their expert LoRA is in the graph), not eagerly after a failed check.
+        moe_blocks = {re.match(r"(.*?\.layers\.\d+)\.", n)[1] for n in experts}
+        graphs = {r.path for r in lora_model.regions if r.mode == "graph"}
+        assert moe_blocks <= graphs, (sorted(moe_blocks - graphs), lora_model.regions)
     with torch.no_grad():  # B = 0: the rewritten model is the model
         torch.testing.assert_close(lora_model(**batch).logits, model(**batch, use_cache=False).logits)
 
@@ -74,8 +80,15 @@ def test_expert_lora_equals_the_eager_reference_and_trains(family, trace_mode):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_peft_loads_the_expert_adapter_and_merge_is_exact(family, tmp_path):
+#: PEFT 0.21.2 gives GLM-4.5V's inner expert ParamWrapper (gate_up_proj) its default r=8 instead of the config's r
+#: when target_modules is also set (reproduced with peft.get_peft_model alone: lora_A [32, 32] for r=4, 4 experts),
+#: so its own model cannot load the file it would write for that config.
+PEFT_BUG = {"glm4v_moe": "PEFT 0.21.2 builds glm4v_moe's inner expert wrapper with its default r=8"}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(reason=PEFT_BUG[f], strict=True))
+                                    if f in PEFT_BUG else f for f in MOE_FAMILIES])
+def test_peft_loads_the_expert_adapter_with_equal_outputs(family, tmp_path):
     model, batch, lora_model = rewritten(family)
     set_random_lora(lora_model, std=0.1)
     lora_model.save_adapter(tmp_path)
@@ -85,6 +98,15 @@ def test_peft_loads_the_expert_adapter_and_merge_is_exact(family, tmp_path):
         ours = lora_model(**batch).logits
         theirs = peft.PeftModel.from_pretrained(zoo.build_tiny_model(family), tmp_path)(**batch, use_cache=False).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_the_expert_adapter_reloads_and_merge_is_exact(family, tmp_path):
+    model, batch, lora_model = rewritten(family)
+    set_random_lora(lora_model, std=0.1)
+    lora_model.save_adapter(tmp_path)
+    with torch.no_grad():
+        ours = lora_model(**batch).logits
     reloaded = graphlora.load_adapter(zoo.build_tiny_model(family), tmp_path, batch)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, ours, atol=1e-6, rtol=1e-5)

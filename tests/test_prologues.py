@@ -26,7 +26,7 @@ from graphlora import families, zoo
 from graphlora.families import _packed_vision, get_prologue, prepare_for_tracing
 from graphlora.trace import default_dynamic_shapes, export_call, make_call_key, split_call
 
-GRID = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"]
+GRID = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "qwen3_vl_moe", "glm4v_moe"]
 SIZES = ["pixtral", "mistral3", "llava_next"]
 PROLOGUE_FAMILIES = GRID + SIZES
 ATOL = 1e-5

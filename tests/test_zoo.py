@@ -25,7 +25,9 @@ PARTS = {
     "qwen2_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
     "qwen2_5_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
     "qwen3_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
+    "qwen3_vl_moe": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
     "glm4v": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
+    "glm4v_moe": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
     "mllama": ("model.vision_model", "model.multi_modal_projector", "model.language_model"),
     "llama4": ("vision_model", "multi_modal_projector", "language_model.model"),  # no `model.` level
     "phi4_multimodal": (

@@ -95,7 +95,10 @@ _RECIPES: dict[str, FamilyRecipe] = {
         FamilyRecipe("qwen2_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen2_vl_prologue, prepare=_packed),
         FamilyRecipe("qwen2_5_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen2_5_vl_prologue, prepare=_packed),
         FamilyRecipe("qwen3_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen3_vl_prologue, prepare=_packed),
+        # the MoE variants share their dense sibling's vision tower, token layout and M-RoPE
+        FamilyRecipe("qwen3_vl_moe", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen3_vl_prologue, prepare=_packed),
         FamilyRecipe("glm4v", glm4v.glm4v_inputs, prologue=glm4v.glm4v_prologue, prepare=_packed),
+        FamilyRecipe("glm4v_moe", glm4v.glm4v_inputs, prologue=glm4v.glm4v_prologue, prepare=_packed),
         FamilyRecipe("mllama", mllama.mllama_inputs),
         FamilyRecipe("llama4", llama4.llama4_inputs),
         # No prologue: no input-level fix exports Phi-4 (see docs/tracing.md); regional fallback planned.

@@ -1,6 +1,7 @@
 """Packed-sequence vision attention that torch.export can trace: one segment-attention op, not a split.
 
-Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4V run their vision tower on the patches of *all* images of a
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4V (and the MoE variants Qwen3-VL-MoE and GLM-4.5V, whose vision
+towers are the same) run their vision tower on the patches of *all* images of a
 batch packed into one sequence; ``cu_seqlens`` (cumulative patch counts) say where each image (or,
 in Qwen2.5-VL's windowed blocks, each window) starts. With sdpa/eager attention, transformers 5.24
 does ``torch.split(q, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist())`` and attends chunk by chunk:
@@ -47,6 +48,8 @@ _TARGETS = [
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention"),
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"),
     ("transformers.models.glm4v.modeling_glm4v", "Glm4vVisionAttention"),
+    ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionAttention"),
+    ("transformers.models.glm4v_moe.modeling_glm4v_moe", "Glm4vMoeVisionAttention"),
 ]
 
 _PREFIX = "BlockMasked"
@@ -110,7 +113,7 @@ def _eager_interface(module):
 
 @functools.cache
 def subclasses() -> dict[type, type]:
-    """Original transformers class -> block-masked subclass (built on first use: importing the four
+    """Original transformers class -> block-masked subclass (built on first use: importing the
     modeling modules costs seconds, so ``import graphlora.families`` does not do it)."""
     out: dict[type, type] = {}
     for module_name, class_name in _TARGETS:

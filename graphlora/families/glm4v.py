@@ -1,4 +1,5 @@
-"""GLM-4V (GLM-4.1V): the Qwen2-VL pixel/grid format with GLM wrapper tokens
+"""GLM-4V (GLM-4.1V) and its MoE variant GLM-4.5V (``glm4v_moe``, same vision tower and tokens): the Qwen2-VL
+pixel/grid format with GLM wrapper tokens
 ``<|begin_of_image|> <|image|> * n <|end_of_image|>`` (``image_start/end_token_id``)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and GLM-4V, which shares the layout; see ``glm4v.py``).
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (and GLM-4V / GLM-4.5V, which share the layout; see
+``glm4v.py``).
 
 Images are cut into ``patch x patch`` pixel patches (times ``temporal_patch_size`` frames: a still
 image is repeated), grouped ``spatial_merge_size**2`` at a time by the merger. Per image:
