@@ -80,10 +80,11 @@ def test_expert_lora_equals_the_eager_reference_and_trains(family, trace_mode):
     assert losses[-1] < losses[0]
 
 
-#: PEFT 0.21.2 gives GLM-4.5V's inner expert ParamWrapper (gate_up_proj) its default r=8 instead of the config's r
-#: when target_modules is also set (reproduced with peft.get_peft_model alone: lora_A [32, 32] for r=4, 4 experts),
-#: so its own model cannot load the file it would write for that config.
-PEFT_BUG = {"glm4v_moe": "PEFT 0.21.2 builds glm4v_moe's inner expert wrapper with its default r=8"}
+#: PEFT 0.21.2's transformers-v5 MoE conversion (peft.utils.transformers_weight_conversion._convert_peft_config_moe)
+#: rewrites a GLM-MoE config whose target_modules name gate_proj / up_proj linears (GLM's dense layer 0 and shared
+#: expert): the fused experts.gate_up_proj wrapper then gets rank 2 r (lora_A [32, 32] for r=4 and 4 experts), and the
+#: file (rank r, as PEFT's ParamWrapper itself writes it without that conversion) does not load.
+PEFT_BUG = {"glm4v_moe": "PEFT 0.21.2's MoE config conversion doubles the rank of GLM's fused gate_up experts"}
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(reason=PEFT_BUG[f], strict=True))
