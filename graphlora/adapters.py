@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from graphlora.errors import GraphLoraError
-from graphlora.lora import EXPERT_LAYOUTS, Site, lora_delta, param_delta
+from graphlora.lora import EXPERT_LAYOUTS, Site, param_delta
 
 if TYPE_CHECKING:  # pragma: no cover
     from graphlora.model import GraphLoraModel
@@ -659,10 +659,7 @@ def is_merged(lora_model: "GraphLoraModel") -> bool:
 
 def _merged_weight(lora_model: "GraphLoraModel", site: Site, base: torch.Tensor) -> torch.Tensor:
     """``W + s B A`` (transposed for a ``[in, out]`` parameter), computed in fp32, in W's dtype; a new tensor."""
-    if site.kind == "linear":
-        delta = lora_delta(lora_model.get_submodule(site.module), site.scale)
-    else:
-        delta = param_delta(lora_model.get_submodule(site.module), site.scale, base, site.weight_layout)
+    delta = param_delta(lora_model.get_submodule(site.module), site.scale, base, site.weight_layout)
     return (base.detach().float() + delta.to(base.device)).to(base.dtype)
 
 

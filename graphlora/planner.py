@@ -132,12 +132,12 @@ def _warn_disagreements(label_check: dict) -> None:
     found = label_check.get("disagreements") or []
     if not found:
         return
-    trusted = label_check.get("trusted", "structure")
+    trust = label_check.get("trust_labels")
     shown = "; ".join(f"{d['site']}: structure {'/'.join(d['structure'])}, names {'/'.join(d['names'])}"
                       for d in found[:5]) + (f"; ... and {len(found) - 5} more" if len(found) > 5 else "")
-    settled = "trust_labels=names: the names decided" if trusted == "names" else (
-        "trust_labels=structure: the structure decided" if label_check.get("trusted_by_policy") else
-        "the structure decided; the policy selects the same either way")
+    settled = {"names": "trust_labels=names: the names decided",
+               "structure": "trust_labels=structure: the structure decided"}.get(
+        trust, "the structure decided; the policy selects the same either way")
     warnings.warn(f"graph structure and module names label {len(found)} linear(s) differently ({settled}): {shown}. "
                   "See `graphlora explain` (column 'names say') or lora_model.label_check.", LabelDisagreementWarning,
                   stacklevel=4)

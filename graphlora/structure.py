@@ -34,22 +34,13 @@ aten = torch.ops.aten
 IMAGE, TEXT, AUDIO = "image", "text", "audio"
 
 LINEAR_OPS = {aten.linear.default}
-MATMUL_OPS = {aten.matmul.default, aten.mm.default, aten.bmm.default,
-              aten._grouped_mm.default}  # transformers' grouped_mm experts: (tokens, W^T, offs)
+MATMUL_OPS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
 #: Ops through which a parameter stays "the weight" of a matmul.
 WEIGHT_VIEW_OPS = {
     aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.expand.default, aten.contiguous.default,
     aten.type_as.default, aten.clone.default, aten.alias.default,
 }
-def is_grouped_mm(target) -> bool:
-    """A grouped matmul of MoE experts: ``aten._grouped_mm`` or transformers' CPU stand-in
-    (``torch.ops.transformers.grouped_mm_fallback``, registered when transformers' MoE integration loads)."""
-    if target is aten._grouped_mm.default:
-        return True
-    return isinstance(target, torch._ops.OpOverload) and target.name().rpartition("::")[2].startswith("grouped_mm")
-
-
 #: Ops that take part of a parameter: the result is a slice of the weight, not a computed activation.
 WEIGHT_SLICE_OPS = {aten.slice.Tensor, aten.narrow.default, aten.select.int, aten.split.Tensor,
                     aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int, aten.unflatten.int}
@@ -68,6 +59,14 @@ ROUTING_OPS = {aten.topk.default, aten.sort.default, aten.argmax.default, aten.a
                aten.scatter.src, aten.scatter.value, aten.scatter_add.default}
 SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
              aten.slice.Tensor, aten.narrow.default}
+
+
+def is_grouped_mm(target) -> bool:
+    """A grouped matmul of MoE experts, operands ``(tokens, W^T, offs)``: ``aten._grouped_mm`` or transformers' CPU
+    stand-in (``torch.ops.transformers.grouped_mm_fallback``, registered when its MoE integration loads)."""
+    if target is aten._grouped_mm.default:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and target.name().rpartition("::")[2].startswith("grouped_mm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +162,7 @@ def trainable_matmuls(gm: torch.fx.GraphModule, param_of: dict[torch.fx.Node, st
     from graphlora.name_rules import module_stack
 
     out = []
+    value_of = {fqn: p.meta.get("val") for p, fqn in param_of.items()}
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -184,14 +184,14 @@ def trainable_matmuls(gm: torch.fx.GraphModule, param_of: dict[torch.fx.Node, st
         stack = module_stack(node.meta, stack_prefix)
         module = stack[-1].path if stack else ""
         owner = weight.rpartition(".")[0]
-        param_val = next((p.meta.get("val") for p, f in param_of.items() if f == weight), None)
+        param_val = value_of.get(weight)
         site = weight
         if param_val is not None and param_val.ndim >= 3:
             kind = "expert_matmul"
         elif sliced:
             kind = "param_slice"
         elif node.target in LINEAR_OPS:
-            is_linear_weight = weight.endswith("weight") and weight.rpartition(".")[2] == "weight" and \
+            is_linear_weight = weight.rpartition(".")[2] == "weight" and \
                 issubclass(module_classes.get(owner, object), torch.nn.Linear)
             kind = "linear" if is_linear_weight and owner == module else "param_linear"
             if is_linear_weight:

@@ -149,16 +149,18 @@ class LabelByStructurePass(PassBase):
         # inside the module that runs it, never a block's linears further upstream.
         module_of = {m.node: m.module for m in matmuls}
         loose = {n for members in by_module.values() for n in members}
+        home_of = {core.out: (stack[-1].path if (stack := module_stack(core.out.meta, self.stack_prefix)) else "")
+                   for core in cores}
 
         def inside(core, node) -> bool:
-            stack = module_stack(core.out.meta, self.stack_prefix)
-            home = stack[-1].path if stack else ""
+            home = home_of[core.out]
             return node in loose and (module_of[node] == home or module_of[node].startswith(home + "."))
 
         loose_roles: dict[torch.fx.Node, str] = structure.attention_roles(cores, mm_nodes, inside)
         for members in by_module.values():
             loose_roles.update(structure.mlp_roles(members, set(roles) | set(loose_roles), mm_nodes))
 
+        all_roles = {**roles, **loose_roles}
         order: dict[str, dict[str, int]] = {"vision": {}, "language": {}}
         for m in matmuls:
             blk = blocks[m.node]
@@ -174,7 +176,7 @@ class LabelByStructurePass(PassBase):
             layer = order[tower].get(blk[1]) if (tower and blk) else None
             in_block = blk is not None and comp in (Component.VISION, Component.LANGUAGE, Component.CROSS_ATTENTION)
             role = Role(roles[m.node]) if in_block and m.node in roles else Role(loose_roles.get(m.node, Role.OTHER))
-            comp, role = _packed_labels(m, comp, role, matmuls, components, {**roles, **loose_roles})
+            comp, role = _packed_labels(m, comp, role, matmuls, components, all_roles)
             set_labels(m.node, NodeLabels(comp, role, layer, m.site, m.kind, m.weight))
         graph_module.meta["graphlora.towers"] = {t: len(b) for t, b in order.items()}
         return PassResult(graph_module, bool(matmuls))

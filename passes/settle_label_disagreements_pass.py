@@ -3,8 +3,8 @@
 Reads: ``graph_module.meta["graphlora.label_check"]`` and each labelled node's name labels (written by
 ``cross_check_labels``), the decisions of ``select_lora_sites``, the policy (``trust_labels``, flags,
 rules) and ``graph_module.meta["graphlora.towers"]``. Writes: on every disagreement entry,
-``changes_selection`` (whether the policy would choose the linear differently by its name labels) and the
-``trusted`` source; with ``trust_labels: names``, the name labels and the decision they give on the
+``changes_selection`` (whether the policy would choose the linear differently by its name labels), and on the
+check ``trust_labels`` (the policy's choice, None when unset); with ``trust_labels: names``, the name labels and the decision they give on the
 disagreeing nodes (the layer is kept when the tower is the same). Guarantees: with ``trust_labels`` unset,
 no disagreement on a linear that reaches the loss changes what is selected, unless the names place the
 linear in no component or give it no role where the graph shows one (neutral names say nothing: the
@@ -65,11 +65,10 @@ class SettleLabelDisagreementsPass(PassBase):
             return PassResult(graph_module, False)
         towers = graph_module.meta.get("graphlora.towers", {})
         trust = self.policy.trust_labels
-        check["trusted"] = trust or "structure"
-        check["trusted_by_policy"] = trust is not None
-        live_sites = {labels.module for node, labels in labelled_nodes(graph_module.graph)
-                      if node in live_nodes(graph_module)} if trust is None else set()
-        conflicts, modified = [], False
+        check["trust_labels"] = trust
+        live = live_nodes(graph_module) if trust is None else set()
+        live_sites = {labels.module for node, labels in labelled_nodes(graph_module.graph) if node in live}
+        conflicts, conflicting, modified = [], set(), False
         for node, labels in labelled_nodes(graph_module.graph):
             entry = entries.get(labels.module)
             by_name = name_labels_of(node, labels) if entry is not None else None
@@ -84,7 +83,8 @@ class SettleLabelDisagreementsPass(PassBase):
                                                        "(labels by module names: trust_labels=names)"))
                 modified = True
             elif trust is None and entry["changes_selection"] and labels.module in live_sites \
-                    and not _names_silent(labels, by_name) and labels.module not in {c[0] for c in conflicts}:
+                    and not _names_silent(labels, by_name) and labels.module not in conflicting:
+                conflicting.add(labels.module)
                 conflicts.append((labels.module, labels, decision, by_name, by_name_decision))
         if conflicts:
             lines = [f"  {site}: structure says {lab.component}/{lab.role}, {_verdict(bool(d and d.targeted), d.reason if d else 'not decided')}; "
