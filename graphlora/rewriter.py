@@ -8,7 +8,8 @@ from typing import Any, Callable
 
 import torch
 
-from graphlora.errors import GraphLoraError, PolicyError
+from graphlora import families
+from graphlora.errors import PolicyError
 from graphlora.mirror import mirror_module
 from graphlora.model import GraphLoraModel
 from graphlora.policy import Policy
@@ -17,11 +18,7 @@ from graphlora.quantized import check_no_quantized_layers
 
 
 def _default_example_inputs(model: torch.nn.Module) -> dict[str, Any]:
-    try:
-        from graphlora.families import synthesize_inputs
-    except ImportError:  # pragma: no cover - families registry missing
-        raise GraphLoraError("no example_inputs given and graphlora cannot synthesise them for this model") from None
-    return synthesize_inputs(model)
+    return families.synthesize_inputs(model)
 
 
 def _apply_modules_to_save(mirror: torch.nn.Module, names: list[str]) -> list[str]:
@@ -99,6 +96,7 @@ def rewrite(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"rewrite() takes an nn.Module, not {type(model).__name__}")
     check_no_quantized_layers(model)
+    families.check_not_refused(model)
     if example_inputs is None:
         example_inputs = _default_example_inputs(model)
     if not isinstance(example_inputs, dict):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
+import graphlora
 from graphlora import families, zoo
-from graphlora.families import IGNORE_INDEX, UnsupportedFamilyError, get_recipe, supported_model_types
+from graphlora.families import IGNORE_INDEX, UnsupportedFamilyError, get_recipe, refused_model_types, supported_model_types
 
 NAMES = zoo.tiny_model_names()
 
@@ -81,6 +85,28 @@ def test_unknown_family_is_rejected():
     assert "llava" in str(info.value) and "mllama" in str(info.value)
     with pytest.raises(ValueError, match="unknown tiny model"):
         zoo.build_tiny_model("bert")
+
+
+@pytest.mark.parametrize("model_type", sorted(refused_model_types()))
+def test_a_refused_family_is_refused_with_what_is_missing(model_type):
+    """A model of a refused family (its config; building its timm tower needs timm) gets the reason, in
+    rewrite() and when inputs are synthesised; docs/models.md lists it with the same reason."""
+    reason = refused_model_types()[model_type]
+
+    class Refused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = transformers_config(model_type)
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(graphlora.UnsupportedModelError, match=fr"\(model_type '{model_type}'\) is not supported") as info:
+        graphlora.rewrite(Refused(), {}, {"x": torch.ones(1, 4)})
+    assert reason in str(info.value)
+    with pytest.raises(UnsupportedFamilyError, match=re.escape(reason)):
+        get_recipe(Refused().config)
+    docs = (Path(__file__).parent.parent / "docs" / "models.md").read_text()
+    assert f"| {model_type} | " in docs and reason in docs
+    assert model_type not in supported_model_types()
 
 
 def transformers_config(model_type):

@@ -24,7 +24,8 @@ import torch
 import transformers
 
 import graphlora
-from graphlora import zoo
+from graphlora import families, zoo
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 FULL_VLM = dict(finetune_vision_layers=True, finetune_language_layers=True)
 
@@ -90,6 +91,19 @@ def render(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} ({r['model_type']}) | {r['class']} | {r['mode']} | {r['whole_mode']} | "
                      f"{r['analysis_s']:.2f} | {r['export_s']:.1f} | {r['rewrite_s']:.1f} | {r['sites']} | "
                      f"{r['skipped']} | {classes} |")
+    lines += [
+        "",
+        "## Refused families",
+        "",
+        "transformers builds these image-text-to-text families, but graphlora does not support them yet:",
+        "``rewrite()`` raises ``UnsupportedModelError`` with the reason below (``graphlora.families.refused_model_types()``).",
+        "",
+        "| model_type | class | what is missing |",
+        "|---|---|---|",
+    ]
+    for model_type, reason in sorted(families.refused_model_types().items()):
+        cls = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type, "-")
+        lines.append(f"| {model_type} | {cls} | {reason} |")
     lines.append("")
     return "\n".join(lines)
 

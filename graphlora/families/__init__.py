@@ -40,7 +40,9 @@ __all__ = [
     "UnsupportedFamilyError",
     "get_prologue",
     "get_recipe",
+    "check_not_refused",
     "prepare_for_tracing",
+    "refused_model_types",
     "supported_model_types",
     "synthesize_inputs",
 ]
@@ -107,6 +109,40 @@ _RECIPES: dict[str, FamilyRecipe] = {
 }
 
 
+def _timm_tower(tower: str) -> str:
+    return (f"its vision tower ({tower}) is a timm model (transformers' TimmWrapperModel, built by the timm package), "
+            "and graphlora has no tiny config, label truth or tests for timm towers, so it cannot promise that a "
+            "policy's vision LoRA lands where the policy says")
+
+
+#: Families transformers 5.24 builds that graphlora refuses, with what is missing (docs/models.md lists them;
+#: rewrite() raises UnsupportedModelError with the reason).
+_REFUSED: dict[str, str] = {
+    "gemma3n": _timm_tower("MobileNetV5, whose attention projections are 1x1 convolutions, while graphlora adapts "
+                           "linears and matmuls only") + "; its text decoder (AltUp, Laurel, per-layer embeddings) is "
+                           "not covered either",
+    "perception_lm": _timm_tower("a Perception Encoder ViT"),
+    "fast_vlm": _timm_tower("FastViT-HD: convolutional stages, then attention stages"),
+}
+
+
+def refused_model_types() -> dict[str, str]:
+    """``model_type`` -> why graphlora refuses it (families transformers can build but graphlora does not support)."""
+    return dict(_REFUSED)
+
+
+def check_not_refused(model: torch.nn.Module) -> None:
+    """Raise :class:`~graphlora.errors.UnsupportedModelError` with the reason if ``model`` is a refused family."""
+    from graphlora.errors import UnsupportedModelError
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _REFUSED:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type {model_type!r}) is not supported: {_REFUSED[model_type]}. "
+            "Supported families are listed in docs/models.md."
+        )
+
+
 def _config_of(model_or_config):
     config = getattr(model_or_config, "config", model_or_config)
     if not hasattr(config, "model_type"):
@@ -122,6 +158,8 @@ def supported_model_types() -> list[str]:
 def get_recipe(model_or_config) -> FamilyRecipe:
     """The recipe for a model (or config), by ``config.model_type``."""
     model_type = _config_of(model_or_config).model_type
+    if model_type in _REFUSED:
+        raise UnsupportedFamilyError(f"model_type {model_type!r} is not supported: {_REFUSED[model_type]}")
     try:
         return _RECIPES[model_type]
     except KeyError:
