@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
-from graphlora.errors import GraphLoraError
+from graphlora.errors import GraphLoraError, PeftConversionWarning
 from graphlora.lora import EXPERT_LAYOUTS, Site, param_delta
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -408,6 +408,57 @@ def adapter_tensors(lora_model: "GraphLoraModel") -> dict[str, torch.Tensor]:
     return out
 
 
+_PEFT_CONVERTED_FIELDS = ("target_modules", "target_parameters", "rank_pattern", "alpha_pattern")
+
+
+def peft_load_rewrites(config: dict[str, Any], model: torch.nn.Module) -> dict[str, tuple[Any, Any]]:
+    """What the installed PEFT changes in ``config`` before it loads the adapter on ``model``: field -> (written, used).
+
+    PEFT (>= 0.18 under transformers 5) rewrites the config of some MoE model types as if the adapter came from
+    transformers 4 (``convert_peft_config_for_transformers``): target_modules ending in ``gate_proj``/``up_proj``
+    become expert parameters with a doubled rank, even when they name dense or shared-expert linears
+    (huggingface/peft#3711). The check runs PEFT's own conversion on a copy, so a PEFT that fixes it reports
+    nothing. Empty when PEFT (or its conversion) is not installed or changes nothing.
+    """
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        return {}
+    fields = {k: copy.deepcopy(v) for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
+    try:
+        peft_config = LoraConfig(**fields)
+        before = {k: _comparable(getattr(peft_config, k, None)) for k in _PEFT_CONVERTED_FIELDS}
+        convert_peft_config_for_transformers(peft_config, model=model, conversions=None)
+    except Exception:  # noqa: BLE001 - a PEFT internal that changed shape: no claim either way
+        return {}
+    after = {k: _comparable(getattr(peft_config, k, None)) for k in _PEFT_CONVERTED_FIELDS}
+    return {k: (before[k], after[k]) for k in _PEFT_CONVERTED_FIELDS if before[k] != after[k]}
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset, list, tuple)):
+        return sorted(value)
+    return value or None
+
+
+def _warn_if_peft_rewrites(config: dict[str, Any], model: torch.nn.Module) -> None:
+    changes = peft_load_rewrites(config, model)
+    if not changes:
+        return
+    import peft
+
+    said = "; ".join(f"{k}: {written!r} -> {used!r}" for k, (written, used) in changes.items())
+    warnings.warn(
+        f"PEFT {peft.__version__} will not load this adapter as written: on model_type "
+        f"{getattr(model.config, 'model_type', '?')!r} it rewrites the config first ({said}; its transformers-v4 MoE "
+        "conversion, huggingface/peft#3711), so PeftModel.from_pretrained fails or adapts other weights. "
+        "graphlora.load_adapter reads the file as written.",
+        PeftConversionWarning,
+        stacklevel=3,
+    )
+
+
 def save_adapter(lora_model: "GraphLoraModel", directory: str | os.PathLike, overwrite: bool = False, *,
                  task_type: str | None = "auto") -> Path:
     """Write the adapter in PEFT's format, plus ``graphlora_policy.yaml``; return the directory.
@@ -425,6 +476,7 @@ def save_adapter(lora_model: "GraphLoraModel", directory: str | os.PathLike, ove
         raise AdapterExistsError(f"{directory} already holds {', '.join(existing)}; pass overwrite=True to replace "
                                  "the adapter")
     config = adapter_config(lora_model, task_type)
+    _warn_if_peft_rewrites(config, lora_model.base_model)
     tensors = adapter_tensors(lora_model)
     policy_text = dump_policy(lora_model.policy, "yaml")
     config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"

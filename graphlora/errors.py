@@ -39,6 +39,11 @@ class DeadLoraSitesWarning(UserWarning):
     """LoRA sites got no gradient (or exactly zero) in their first training backward: they train nothing."""
 
 
+class PeftConversionWarning(UserWarning):
+    """The installed PEFT rewrites a saved adapter's config before loading it (its MoE conversion): it would load
+    the adapter wrongly."""
+
+
 class UnsupportedModelError(GraphLoraError, TypeError):
     """The model (or one of its layers) cannot be rewritten, e.g. a quantized base layer."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import peft
 import pytest
@@ -18,6 +19,7 @@ import torch
 
 import graphlora
 from graphlora import zoo
+from graphlora.errors import PeftConversionWarning
 from helpers import EagerLoraReference, set_random_lora
 
 MOE_FAMILIES = [name for name in ("llama4", "qwen3_vl_moe", "glm4v_moe") if name in zoo.tiny_model_names()]
@@ -80,21 +82,29 @@ def test_expert_lora_equals_the_eager_reference_and_trains(family, trace_mode):
     assert losses[-1] < losses[0]
 
 
-#: PEFT 0.21.2's transformers-v5 MoE conversion (peft.utils.transformers_weight_conversion._convert_peft_config_moe)
-#: rewrites a GLM-MoE config whose target_modules name gate_proj / up_proj linears (GLM's dense layer 0 and shared
-#: expert): the fused experts.gate_up_proj wrapper then gets rank 2 r (lora_A [32, 32] for r=4 and 4 experts), and the
-#: file (rank r, as PEFT's ParamWrapper itself writes it without that conversion) does not load.
-PEFT_BUG = {"glm4v_moe": "PEFT 0.21.2's MoE config conversion doubles the rank of GLM's fused gate_up experts"}
+#: PEFT 0.21.2's transformers-v5 MoE conversion (convert_peft_config_for_transformers, huggingface/peft#3711) rewrites a
+#: GLM-MoE config whose target_modules name gate_proj / up_proj linears (GLM's dense layer 0 and shared expert): they
+#: become expert parameters and the fused experts.gate_up_proj gets rank 2 r, so the file (rank r, as PEFT's ParamWrapper
+#: itself writes it without that conversion) does not load. save_adapter says so (PeftConversionWarning).
+PEFT_REWRITES = {"glm4v_moe"}
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(reason=PEFT_BUG[f], strict=True))
-                                    if f in PEFT_BUG else f for f in MOE_FAMILIES])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_peft_loads_the_expert_adapter_with_equal_outputs(family, tmp_path):
     model, batch, lora_model = rewritten(family)
     set_random_lora(lora_model, std=0.1)
-    lora_model.save_adapter(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora_model.save_adapter(tmp_path)
+    said = [str(w.message) for w in caught if issubclass(w.category, PeftConversionWarning)]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert set(config["target_parameters"]) >= set(experts_of(model))
+    if family in PEFT_REWRITES and peft.__version__ == "0.21.2":
+        assert len(said) == 1 and "rank_pattern" in said[0] and "target_modules" in said[0], said
+        with pytest.raises(RuntimeError, match="size mismatch for .*experts"):
+            peft.PeftModel.from_pretrained(zoo.build_tiny_model(family), tmp_path)
+        return
+    assert not said, said
     with torch.no_grad():
         ours = lora_model(**batch).logits
         theirs = peft.PeftModel.from_pretrained(zoo.build_tiny_model(family), tmp_path)(**batch, use_cache=False).logits
