@@ -94,12 +94,12 @@ def _plan(model: torch.nn.Module, config: dict[str, Any], tensors: dict[str, tor
     # the modules PEFT would adapt, by its rules
     expected: dict[str, _Entry] = {}
 
-    def add(name: str, owner: str, kind: str, experts: int = 1):
+    def add(name: str, owner: str, kind: str, experts: int = 1, pattern_key: str | None = None):
         if owner in expected:
             raise AdapterError(f"{path}: {expected[owner].name} and {name} both put LoRA on module {owner}; graphlora "
                                "holds one adapter per module")
-        r = peft_pattern_value(rank_pattern, name, config["r"])
-        alpha = peft_pattern_value(alpha_pattern, name, config["lora_alpha"])
+        r = peft_pattern_value(rank_pattern, pattern_key or name, config["r"])
+        alpha = peft_pattern_value(alpha_pattern, pattern_key or name, config["lora_alpha"])
         key = f"{PEFT_PREFIX}{owner}"
         expected[owner] = _Entry(name, owner, kind, int(r), float(alpha), f"{key}.lora_A.weight", f"{key}.lora_B.weight",
                                  experts)
@@ -119,6 +119,11 @@ def _plan(model: torch.nn.Module, config: dict[str, Any], tensors: dict[str, tor
         # PEFT wraps the module once per targeted parameter, the first (registration order) innermost: the i-th of k
         # keeps its lora_A / lora_B under k - 1 - i ``base_layer`` segments.
         for i, (full, param) in enumerate(matched):
+            if owner in linear_names and full == f"{owner}.weight" and len(matched) == 1:
+                # a Linear's weight as a target parameter (graphlora writes it so where PEFT's MoE conversion would
+                # misread a target module): the same update as LoRA on the Linear, under the same keys
+                add(owner, owner, "linear", pattern_key=full)
+                continue
             add(full, owner + ".base_layer" * (len(matched) - 1 - i), "param",
                 int(param.shape[0]) if param.dim() == 3 else 1)
 

@@ -283,12 +283,16 @@ def _check_peft_can_represent(lora_model: "GraphLoraModel", mts_paths: list[str]
     return dropout
 
 
-def _target_fields(lora_model: "GraphLoraModel", mts_paths: list[str]) -> tuple[Any, list[str] | None]:
-    """(target_modules, target_parameters) that make PEFT adapt exactly the sites."""
+def _target_fields(lora_model: "GraphLoraModel", mts_paths: list[str],
+                   as_parameters: frozenset[str] = frozenset()) -> tuple[Any, list[str] | None]:
+    """(target_modules, target_parameters) that make PEFT adapt exactly the sites.
+
+    A linear site in ``as_parameters`` is written as the target parameter ``<path>.weight`` (PEFT's ParamWrapper on
+    the Linear's weight: the same update, the same tensor keys) instead of a target module."""
     original = lora_model.base_model
     module_names = [n for n, _ in original.named_modules() if n]
-    linear = sorted(s.name for s in lora_model.sites if s.kind == "linear")
-    params = sorted(s.name for s in lora_model.sites if s.kind != "linear")
+    linear = sorted(s.name for s in lora_model.sites if s.kind == "linear" and s.name not in as_parameters)
+    params = sorted([s.name for s in lora_model.sites if s.kind != "linear"] + [f"{n}.weight" for n in as_parameters])
     target_modules: Any = linear
     for name in linear:
         hits = [n for n in module_names if n == name or n.endswith("." + name)]
@@ -317,29 +321,47 @@ def _target_fields(lora_model: "GraphLoraModel", mts_paths: list[str]) -> tuple[
     return target_modules, (params or None)
 
 
-def _patterns(sites: list[Site], default: Any, attr: str, all_names: list[str]) -> dict[str, Any]:
+def _patterns(sites: list[Site], default: Any, attr: str, keys: dict[str, str]) -> dict[str, Any]:
     """``rank_pattern`` / ``alpha_pattern`` entries for sites whose value differs from the default.
 
-    Plain names are written when PEFT's pattern lookup then gives every site its own value (checked
-    here); otherwise anchored, escaped regular expressions."""
-    values = {s.name: getattr(s, attr) for s in sites}
+    ``keys``: site name -> the name PEFT matches the patterns against (the module path, or the parameter path of a
+    target parameter). Plain names are written when PEFT's pattern lookup then gives every site its own value
+    (checked here); otherwise anchored, escaped regular expressions."""
+    values = {keys[s.name]: getattr(s, attr) for s in sites}
     differing = {n: v for n, v in values.items() if v != default}
-    if all(peft_pattern_value(differing, n, default) == values[n] for n in all_names):
+    if all(peft_pattern_value(differing, n, default) == v for n, v in values.items()):
         return differing
     return {"^" + re.escape(n): v for n, v in differing.items()}
 
 
 def adapter_config(lora_model: "GraphLoraModel", task_type: str | None = "auto") -> dict[str, Any]:
-    """The ``adapter_config.json`` content :func:`save_adapter` writes (PEFT LoraConfig fields)."""
+    """The ``adapter_config.json`` content :func:`save_adapter` writes (PEFT LoraConfig fields).
+
+    Where the installed PEFT would rewrite the config before loading it (:func:`peft_load_rewrites`: its
+    transformers-v4 MoE conversion takes dense ``gate_proj``/``up_proj`` linears for experts), the linears it
+    would take are written as target parameters (``<path>.weight``), which the conversion leaves alone, if that
+    makes the config load as written; otherwise it is written as is (``save_adapter`` then warns)."""
+    config = _adapter_config(lora_model, task_type, frozenset())
+    changes = peft_load_rewrites(config, lora_model.base_model)
+    if not changes or "target_modules" not in changes or config["lora_dropout"]:
+        return config  # (PEFT's ParamWrapper refuses dropout)
+    written, used = changes["target_modules"]
+    linear = {s.name for s in lora_model.sites if s.kind == "linear"}
+    taken = linear if isinstance(written, str) else linear & (set(written) - set(used or ()))
+    retry = _adapter_config(lora_model, task_type, frozenset(taken))
+    return retry if not peft_load_rewrites(retry, lora_model.base_model) else config
+
+
+def _adapter_config(lora_model: "GraphLoraModel", task_type: str | None, as_parameters: frozenset[str]) -> dict[str, Any]:
     policy = lora_model.policy
     original = lora_model.base_model
     mts_paths = modules_to_save_paths(original, policy.modules_to_save)
     dropout = _check_peft_can_represent(lora_model, mts_paths)
-    target_modules, target_parameters = _target_fields(lora_model, mts_paths)
-    names = [s.name for s in lora_model.sites]
-    rank_pattern = _patterns(lora_model.sites, policy.r, "r", names)
+    target_modules, target_parameters = _target_fields(lora_model, mts_paths, as_parameters)
+    keys = {s.name: f"{s.name}.weight" if s.name in as_parameters else s.name for s in lora_model.sites}
+    rank_pattern = _patterns(lora_model.sites, policy.r, "r", keys)
     alpha_pattern = {k: _number(v) for k, v in
-                     _patterns(lora_model.sites, float(policy.lora_alpha), "alpha", names).items()}
+                     _patterns(lora_model.sites, float(policy.lora_alpha), "alpha", keys).items()}
     if task_type == "auto":
         can_generate = getattr(original, "can_generate", None)
         task_type = "CAUSAL_LM" if callable(can_generate) and can_generate() else None
