@@ -214,9 +214,9 @@ def test_rank_pattern_keys_are_exact_under_peft_matching():
         return Site(name, "language", "attn.q", 0, r, 16.0, 0.0, 1.0, "test")
 
     plain = [site("m.layers.1.q_proj", 4), site("m.layers.11.q_proj", 16)]
-    assert _patterns(plain, 16, "r", [s.name for s in plain]) == {"m.layers.1.q_proj": 4}
+    assert _patterns(plain, 16, "r", {s.name: s.name for s in plain}) == {"m.layers.1.q_proj": 4}
     clash = [site("blk.q", 4), site("blk_q", 16)]  # "blk.q" as a pattern also matches "blk_q"
-    patterns = _patterns(clash, 16, "r", [s.name for s in clash])
+    patterns = _patterns(clash, 16, "r", {s.name: s.name for s in clash})
     assert patterns == {r"^blk\.q": 4}
     assert [peft_pattern_value(patterns, s.name, 16) for s in clash] == [4, 16]
 
