@@ -10,8 +10,8 @@ Rules (graphlora/structure.py has the analyses):
 
 * modality of a matmul = the user inputs its activation is computed from: pixels (floating inputs),
   tokens (``input_ids`` / ``inputs_embeds``), audio;
-* a repeated block (ModuleList element holding an attention core) belongs to the language tower when any of its matmuls reads
-  the token stream, else to the vision tower (audio: ``other``); ``layer`` = the block's position
+* a repeated block (ModuleList element holding an attention core, a convolution mixer included) belongs to
+  the language tower when any of its matmuls reads the token stream, else to the vision tower (audio: ``other``); ``layer`` = the block's position
   in its tower's execution order (Mllama's local then global vision stacks: one sequence);
 * inside a language block, a projection that reads pixels but not tokens is a cross-attention key or
   value: every matmul of the attention module that holds it is ``cross_attention``;
@@ -21,8 +21,9 @@ Rules (graphlora/structure.py has the analyses):
 * the matmul(s) that produce ``logits`` with no other matmul in between are the ``head``; when no output is
   named ``logits``, the matmul(s) nearest to an output whose width is the vocabulary (the rows of the
   embedding the token ids index);
-* roles: projections feeding an attention core's q/k/v (``scaled_dot_product_attention`` or eager
-  ``q k^T -> softmax -> v``) are q/k/v (qkv when several), the one fed by its output is o; inside a
+* roles: projections feeding an attention core's q/k/v (``scaled_dot_product_attention``, eager
+  ``q k^T -> softmax -> v``, or a gated depthwise 1-D convolution ``C * conv(B * x)``, linear attention
+  with a fixed local kernel) are q/k/v (qkv when several), the one fed by its output is o; inside a
   block, a projection fed by others through activations/products is ``mlp.down``, its feeders
   ``mlp.gate`` (the activated one), ``mlp.up`` or ``mlp.gate_up`` (one output split in two halves);
   vision and language matmuls outside the blocks get the MLP roles their module's wiring gives.
