@@ -112,3 +112,8 @@ def test_gated_short_convolution_is_the_token_mixer(rows):
     assert [rows[f"lb.0.ff.f{i}"][1] for i in range(3)] == ["mlp.gate", "mlp.up", "mlp.down"]
     assert rows["lb.1.mx.a3"] == ("language", "attn.o", 1)
 
+
+def test_position_table_resized_by_the_grid_is_vision(rows):
+    assert rows["tab"][:2] == ("vision", "other")
+    assert rows["pe"][:2] == ("vision", "other")
+    assert rows["pj"][:2] == ("projector", "other")
