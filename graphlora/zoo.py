@@ -381,6 +381,26 @@ def _llama4():
     )
 
 
+def _lfm2_vl():
+    return transformers.Lfm2VlConfig(
+        vision_config=transformers.Siglip2VisionConfig(
+            **_vision(num_patches=16, vision_use_head=False)  # 4x4 learned position grid, resized per image
+        ),
+        text_config=transformers.Lfm2Config(
+            **_text(
+                layer_types=["conv", "full_attention"],  # layer 0 a gated short convolution, layer 1 attention
+                block_auto_adjust_ff_dim=False,  # else the MLP width is rounded up to a multiple of 256
+            )
+        ),
+        image_token_id=255,
+        projector_hidden_size=64,
+        downsample_factor=2,  # 2x2 patches unshuffled into one token: a 16 px image is 4 <image>
+        # processor tokens (not transformers config fields)
+        image_start_token_id=253,
+        image_end_token_id=254,
+    )
+
+
 def _phi4_multimodal():
     return transformers.Phi4MultimodalConfig(
         **_text(),
@@ -422,6 +442,7 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "mllama": ("MllamaForConditionalGeneration", _mllama),
     "llama4": ("TinyLlama4ForConditionalGeneration", _llama4),  # mends a 5.24 bug, see the class
     "phi4_multimodal": ("Phi4MultimodalForCausalLM", _phi4_multimodal),
+    "lfm2_vl": ("Lfm2VlForConditionalGeneration", _lfm2_vl),
 }
 
 
