@@ -401,6 +401,30 @@ def _lfm2_vl():
     )
 
 
+def _janus():
+    vision = _vision(mlp_ratio=2, projection_dim=HIDDEN, depth=2, num_image_tokens=16)  # aligner: fc1 + 1 hidden
+    vision.pop("intermediate_size")  # Janus sizes its MLP by mlp_ratio
+    return transformers.JanusConfig(
+        vision_config=transformers.JanusVisionConfig(**vision),
+        text_config=transformers.LlamaConfig(**_text()),
+        # image generation only (never on the understanding forward); GroupNorm needs 32-channel multiples
+        vq_config=transformers.JanusVQVAEConfig(
+            embed_dim=8,
+            num_embeddings=64,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            num_res_blocks=1,
+            projection_dim=HIDDEN,
+            image_token_embed_dim=HIDDEN,
+        ),
+        image_token_id=255,  # <image_placeholder>
+        # processor tokens (not transformers config fields): <begin_of_image>, <end_of_image>
+        image_start_token_id=253,
+        image_end_token_id=254,
+    )
+
+
 def _phi4_multimodal():
     return transformers.Phi4MultimodalConfig(
         **_text(),
@@ -443,6 +467,7 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "llama4": ("TinyLlama4ForConditionalGeneration", _llama4),  # mends a 5.24 bug, see the class
     "phi4_multimodal": ("Phi4MultimodalForCausalLM", _phi4_multimodal),
     "lfm2_vl": ("Lfm2VlForConditionalGeneration", _lfm2_vl),
+    "janus": ("JanusForConditionalGeneration", _janus),
 }
 
 

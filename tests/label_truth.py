@@ -194,6 +194,19 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
         **tower(LM, "{0,1}", L, pairs("feed_forward.w{1,3,2}", "mlp.{gate,up,down}")),
         **single(H, "other", "lm_head"),
     },
+    # Janus (understanding path): conv patch embedding, SigLIP-like layers whose attention output projection is
+    # called projection_layer, then the aligner (fc1, then GELU + Linear per hidden layer) maps every patch
+    # feature to the text width: projector; Llama decoder; lm_head tied to the embedding (as released). The
+    # VQ-VAE (convolutions only) and the generation embeddings / aligner / head serve image generation and never
+    # run in this forward: they are not in the graph, so not labelled (and not adapted).
+    "janus": {
+        **tower("model.vision_model.encoder.layers", "{0,1}", V,
+                {**pairs("self_attn.{q,k,v}_proj", "attn.{q,k,v}"), "self_attn.projection_layer": "attn.o",
+                 **pairs("mlp.fc{1,2}", "mlp.{up,down}")}),
+        **single(P, "other", "model.aligner.fc1", "model.aligner.hidden_layers.0"),
+        **tower(LM, "{0,1}", L, LLAMA),
+        **single(H, "other", "lm_head"),
+    },
 }
 
 

@@ -31,6 +31,7 @@ PARTS = {
     "mllama": ("model.vision_model", "model.multi_modal_projector", "model.language_model"),
     "llama4": ("vision_model", "multi_modal_projector", "language_model.model"),  # no `model.` level
     "lfm2_vl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "janus": ("model.vision_model", "model.aligner", "model.language_model"),
     "phi4_multimodal": (
         "model.embed_tokens_extend.image_embed.img_processor",
         "model.embed_tokens_extend.image_embed.img_projection_up",  # with img_projection_down
