@@ -48,7 +48,7 @@ _ATEN_TARGETS: dict[str, Any] = {
     "linear": aten.linear.default,
     "matmul": aten.matmul.default, "__matmul__": aten.matmul.default, "mm": aten.mm.default,
     "bmm": aten.bmm.default, "baddbmm": aten.baddbmm.default, "embedding": aten.embedding.default,
-    "_grouped_mm": aten._grouped_mm.default,
+    "_grouped_mm": aten._grouped_mm.default, "conv1d": aten.conv1d.default,
     "scaled_dot_product_attention": aten.scaled_dot_product_attention.default,
     "softmax": aten.softmax.int, "_softmax": aten.softmax.int,
     "silu": aten.silu.default, "gelu": aten.gelu.default, "relu": aten.relu.default,

@@ -221,13 +221,20 @@ class MaskRule:
     sliding window longer than the text): sdpa then runs with ``is_causal`` set from the attention
     module's ``is_causal``, eager attention with no mask. A batch of one sample, or of equal lengths,
     thus calls the decoder layers with ``None`` and a padded batch with a tensor.
+
+    Recurrent and convolution layers (LFM2's short convolution, Mamba-style mixers) take the 2-D padding mask
+    instead (``create_recurrent_attention_mask``: ``None`` when nothing is padded): ``padding`` gives them
+    all ones ``[batch, length]``, int64 as tokenizers return it.
     """
 
     causal: bool
     additive: bool  # eager attention adds a float mask; sdpa takes a boolean one
+    padding: bool = False
 
     def mask_for(self, hidden: torch.Tensor) -> torch.Tensor:
         batch, length = hidden.shape[0], hidden.shape[1]
+        if self.padding:
+            return torch.ones(batch, length, dtype=torch.long, device=hidden.device)
         if self.additive:
             mask = torch.zeros(length, length, dtype=hidden.dtype, device=hidden.device)
             if self.causal:
@@ -524,8 +531,10 @@ class Runtime:
             rule = mask_rule(module)
             if hidden.device.type != "meta":
                 # A block whose attention does not say (Mllama's cross-attention layers take the causal mask and
-                # never read it): a causal mask is used if it demonstrably computes the same.
-                candidates = [rule] if rule is not None else [MaskRule(True, False), MaskRule(True, True)]
+                # never read it; a convolution layer takes the 2-D padding mask): a causal mask, else a padding
+                # mask, is used if it demonstrably computes the same.
+                candidates = [rule] if rule is not None else [MaskRule(True, False), MaskRule(True, True),
+                                                             MaskRule(True, False, padding=True)]
                 rule = next((c for c in candidates if self._mask_is_equivalent(c, module, call, hidden)), None)
             self.mask_rules[name] = rule
         rule = self.mask_rules[name]

@@ -57,6 +57,9 @@ PRODUCT_OPS = {aten.mul.Tensor}
 #: Ops that route tokens (MoE routers): a projection feeding these is not an MLP up/gate projection.
 ROUTING_OPS = {aten.topk.default, aten.sort.default, aten.argmax.default, aten.argsort.default,
                aten.scatter.src, aten.scatter.value, aten.scatter_add.default}
+#: A 1-D convolution over the sequence; depthwise (one filter per channel) it is the token mixer of a gated
+#: short-convolution layer (LFM2's ShortConv: ``out(C * conv(B * x))`` with ``B, C, x`` chunks of one in-projection).
+CONV1D_OPS = {aten.conv1d.default}
 SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
              aten.slice.Tensor, aten.narrow.default}
 
@@ -308,12 +311,40 @@ def _through_elementwise(node: torch.fx.Node, targets: set, up: bool, limit: int
     return None
 
 
+def _depthwise_conv1d(node: torch.fx.Node) -> bool:
+    """``conv1d(x, weight [C, 1, K], groups=C)`` with ``K > 1``: each channel mixed over neighbouring positions."""
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    shape = getattr(weight.meta.get("val"), "shape", None) if isinstance(weight, torch.fx.Node) else None
+    return shape is not None and len(shape) == 3 and shape[1] == 1 and shape[2] > 1 and groups == shape[0]
+
+
+def _conv_mixer(node: torch.fx.Node) -> AttentionCore:
+    """A gated short convolution as a token-mixing core: ``y = C * conv(B * x)`` is linear attention with a fixed
+    local kernel in place of ``softmax(q k^T)`` (C the query, B the key, x the value): what reaches the convolution
+    is the value slot, the gate multiplied into its result the query slot, the result's reader the output."""
+    gate, previous, current = None, None, node
+    for _ in range(6):  # through the slice / cast after the convolution, to the gating product
+        if current.op == "call_function" and current.target in PRODUCT_OPS:
+            others = [a for a in current.all_input_nodes if a is not previous]
+            gate = others[0] if len(others) == 1 else None
+            break
+        users = [u for u in current.users if isinstance(u.meta.get("val"), torch.Tensor)]
+        if len(users) != 1:
+            break
+        previous, current = current, users[0]
+    return AttentionCore(gate, None, node.args[0], node)
+
+
 def attention_cores(graph: torch.fx.Graph) -> list[AttentionCore]:
+    """Token-mixing cores: ``scaled_dot_product_attention``, eager ``softmax(q k^T) v``, depthwise 1-D convolutions."""
     cores = []
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in SDPA_OPS:
+        if node.target in CONV1D_OPS and _depthwise_conv1d(node):
+            cores.append(_conv_mixer(node))
+        elif node.target in SDPA_OPS:
             q, k, v = node.args[:3]
             cores.append(AttentionCore(q, k, v, node))
         elif node.target in SOFTMAX_OPS:

@@ -381,6 +381,50 @@ def _llama4():
     )
 
 
+def _lfm2_vl():
+    return transformers.Lfm2VlConfig(
+        vision_config=transformers.Siglip2VisionConfig(
+            **_vision(num_patches=16, vision_use_head=False)  # 4x4 learned position grid, resized per image
+        ),
+        text_config=transformers.Lfm2Config(
+            **_text(
+                layer_types=["conv", "full_attention"],  # layer 0 a gated short convolution, layer 1 attention
+                block_auto_adjust_ff_dim=False,  # else the MLP width is rounded up to a multiple of 256
+            )
+        ),
+        image_token_id=255,
+        projector_hidden_size=64,
+        downsample_factor=2,  # 2x2 patches unshuffled into one token: a 16 px image is 4 <image>
+        # processor tokens (not transformers config fields)
+        image_start_token_id=253,
+        image_end_token_id=254,
+    )
+
+
+def _janus():
+    vision = _vision(mlp_ratio=2, projection_dim=HIDDEN, depth=2, num_image_tokens=16)  # aligner: fc1 + 1 hidden
+    vision.pop("intermediate_size")  # Janus sizes its MLP by mlp_ratio
+    return transformers.JanusConfig(
+        vision_config=transformers.JanusVisionConfig(**vision),
+        text_config=transformers.LlamaConfig(**_text()),
+        # image generation only (never on the understanding forward); GroupNorm needs 32-channel multiples
+        vq_config=transformers.JanusVQVAEConfig(
+            embed_dim=8,
+            num_embeddings=64,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            num_res_blocks=1,
+            projection_dim=HIDDEN,
+            image_token_embed_dim=HIDDEN,
+        ),
+        image_token_id=255,  # <image_placeholder>
+        # processor tokens (not transformers config fields): <begin_of_image>, <end_of_image>
+        image_start_token_id=253,
+        image_end_token_id=254,
+    )
+
+
 def _phi4_multimodal():
     return transformers.Phi4MultimodalConfig(
         **_text(),
@@ -422,6 +466,8 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "mllama": ("MllamaForConditionalGeneration", _mllama),
     "llama4": ("TinyLlama4ForConditionalGeneration", _llama4),  # mends a 5.24 bug, see the class
     "phi4_multimodal": ("Phi4MultimodalForCausalLM", _phi4_multimodal),
+    "lfm2_vl": ("Lfm2VlForConditionalGeneration", _lfm2_vl),
+    "janus": ("JanusForConditionalGeneration", _janus),
 }
 
 

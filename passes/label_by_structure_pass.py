@@ -10,19 +10,21 @@ Rules (graphlora/structure.py has the analyses):
 
 * modality of a matmul = the user inputs its activation is computed from: pixels (floating inputs),
   tokens (``input_ids`` / ``inputs_embeds``), audio;
-* a repeated block (ModuleList element holding an attention core) belongs to the language tower when any of its matmuls reads
-  the token stream, else to the vision tower (audio: ``other``); ``layer`` = the block's position
-  in its tower's execution order (Mllama's local then global vision stacks: one sequence);
+* a repeated block (ModuleList element holding an attention core, a convolution mixer included) belongs to
+  the language tower when any of its matmuls reads the token stream, else to the vision tower (audio:
+  ``other``); ``layer`` = the block's position in its tower's execution order (Mllama's local then global vision stacks: one sequence);
 * inside a language block, a projection that reads pixels but not tokens is a cross-attention key or
   value: every matmul of the attention module that holds it is ``cross_attention``;
 * pixel-only matmuls outside blocks are ``projector`` when they reach the text stream without feeding a
   vision block (between the encoder and the merge), ``vision`` otherwise (patch embeddings before the
-  blocks; a pooling head whose result never meets the text);
+  blocks; a pooling head whose result never meets the text); a matmul that reads no modality is ``vision``
+  when it feeds the vision blocks (a position table resized by image metadata), else ``other``;
 * the matmul(s) that produce ``logits`` with no other matmul in between are the ``head``; when no output is
   named ``logits``, the matmul(s) nearest to an output whose width is the vocabulary (the rows of the
   embedding the token ids index);
-* roles: projections feeding an attention core's q/k/v (``scaled_dot_product_attention`` or eager
-  ``q k^T -> softmax -> v``) are q/k/v (qkv when several), the one fed by its output is o; inside a
+* roles: projections feeding an attention core's q/k/v (``scaled_dot_product_attention``, eager
+  ``q k^T -> softmax -> v``, or a gated depthwise 1-D convolution ``C * conv(B * x)``, linear attention
+  with a fixed local kernel) are q/k/v (qkv when several), the one fed by its output is o; inside a
   block, a projection fed by others through activations/products is ``mlp.down``, its feeders
   ``mlp.gate`` (the activated one), ``mlp.up`` or ``mlp.gate_up`` (one output split in two halves);
   vision and language matmuls outside the blocks get the MLP roles their module's wiring gives.
@@ -129,6 +131,10 @@ class LabelByStructurePass(PassBase):
                 # meeting the text (a pooling head whose result is discarded): the vision model.
                 projects = m.node in meets_text and m.node not in before_vision
                 comp = Component.PROJECTOR if projects else Component.VISION
+            elif m.node in before_vision:
+                # Reads no modality but feeds the vision blocks: part of the vision model's input (Siglip2's
+                # position table, resized to each image by a matmul with weights computed from the patch grid).
+                comp = Component.VISION
             else:
                 comp = Component.OTHER
             components[m.node] = comp

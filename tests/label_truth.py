@@ -176,6 +176,37 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
                 pairs("mlp.{gate_up,down}_proj", "mlp.{gate_up,down}")),
         **single(H, "other", "lm_head"),
     },
+    # LFM2-VL: Siglip2 NaFlex tower: the patch embedding is a Linear on patchified pixels and the learned 4x4
+    # position table is resized to each image's patch grid by ``weights @ table`` (weights computed from the
+    # integer spatial_shapes alone), added to the patch embeddings: both vision, other. Pixel unshuffle ->
+    # LayerNorm -> linear_1 -> GELU -> linear_2: projector. LFM2 decoder: layer 0 is a gated short convolution,
+    # ``out_proj(C * conv(B * x))`` with B, C, x the three chunks of ``in_proj``: linear attention with a fixed
+    # local (depthwise causal) kernel in place of softmax(q k^T), C the query, B the key, x the value, so
+    # in_proj is attn.qkv and out_proj (reads the mixed sequence) attn.o; layer 1 is ordinary attention. Every
+    # layer's feed-forward is w2(silu(w1(x)) * w3(x)). lm_head is tied to the embedding (as released).
+    "lfm2_vl": {
+        **single(V, "other", "model.vision_tower.embeddings.patch_embedding",
+                 "model.vision_tower.embeddings.position_embedding.weight"),
+        **tower("model.vision_tower.encoder.layers", "{0,1}", V, CLIP),
+        **single(P, "other", "model.multi_modal_projector.linear_{1,2}"),
+        **tower(LM, "0", L, pairs("conv.{in,out}_proj", "attn.{qkv,o}")),
+        **tower(LM, "1", L, pairs("self_attn.{q,k,v,out}_proj", "attn.{q,k,v,o}")),
+        **tower(LM, "{0,1}", L, pairs("feed_forward.w{1,3,2}", "mlp.{gate,up,down}")),
+        **single(H, "other", "lm_head"),
+    },
+    # Janus (understanding path): conv patch embedding, SigLIP-like layers whose attention output projection is
+    # called projection_layer, then the aligner (fc1, then GELU + Linear per hidden layer) maps every patch
+    # feature to the text width: projector; Llama decoder; lm_head tied to the embedding (as released). The
+    # VQ-VAE (convolutions only) and the generation embeddings / aligner / head serve image generation and never
+    # run in this forward: they are not in the graph, so not labelled (and not adapted).
+    "janus": {
+        **tower("model.vision_model.encoder.layers", "{0,1}", V,
+                {**pairs("self_attn.{q,k,v}_proj", "attn.{q,k,v}"), "self_attn.projection_layer": "attn.o",
+                 **pairs("mlp.fc{1,2}", "mlp.{up,down}")}),
+        **single(P, "other", "model.aligner.fc1", "model.aligner.hidden_layers.0"),
+        **tower(LM, "{0,1}", L, LLAMA),
+        **single(H, "other", "lm_head"),
+    },
 }
 
 

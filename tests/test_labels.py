@@ -71,6 +71,11 @@ LAYERS: dict[str, dict[str, int | None]] = {
                "language_model.model.layers.1.feed_forward.router": 1,
                "language_model.model.layers.1.feed_forward.experts.down_proj": 1,
                "language_model.model.layers.0.feed_forward.up_proj": 0, "language_model.lm_head": None},
+    "lfm2_vl": {"model.vision_tower.embeddings.position_embedding.weight": None, f"{LM}.0.conv.in_proj": 0,
+                "model.vision_tower.encoder.layers.1.mlp.fc2": 1, f"{LM}.1.self_attn.out_proj": 1,
+                "model.multi_modal_projector.linear_1": None},
+    "janus": {"model.vision_model.encoder.layers.1.self_attn.projection_layer": 1, "model.aligner.hidden_layers.0": None,
+              f"{LM}.0.mlp.up_proj": 0, "lm_head": None},
     "phi4_multimodal": {"model.embed_tokens_extend.image_embed.img_processor.encoder.layers.1.mlp.fc1": 1,
                         "model.layers.1.self_attn.qkv_proj": 1, "model.embed_tokens_extend.image_embed.img_projection_up": None},
 }

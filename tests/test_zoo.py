@@ -34,6 +34,8 @@ PARTS = {
     "glm4v_moe": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
     "mllama": ("model.vision_model", "model.multi_modal_projector", "model.language_model"),
     "llama4": ("vision_model", "multi_modal_projector", "language_model.model"),  # no `model.` level
+    "lfm2_vl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "janus": ("model.vision_model", "model.aligner", "model.language_model"),
     "phi4_multimodal": (
         "model.embed_tokens_extend.image_embed.img_processor",
         "model.embed_tokens_extend.image_embed.img_projection_up",  # with img_projection_down
@@ -217,7 +219,8 @@ def test_dtype_and_meta_device(name, models):
     assert on_meta["input_ids"].device.type == "meta"
 
 
-@pytest.mark.parametrize("name", ["llava", "idefics3", "gemma3", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["llava", "idefics3", "gemma3", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                                  "lfm2_vl"])
 def test_two_images_per_sample(name, models):
     model = models(name)
     inputs = zoo.tiny_example_inputs(name, model, images_per_sample=2)
@@ -235,5 +238,18 @@ def test_qwen_images_of_different_grids(name, models):
     merge = model.config.vision_config.spatial_merge_size
     n_tokens = int((inputs["input_ids"] == image_token_id(model.config)).sum())
     assert n_tokens == int(grids.prod(-1).sum()) // merge**2
+    out = model(**inputs, use_cache=False)
+    assert torch.isfinite(out.loss)
+
+
+def test_lfm2_vl_images_of_different_sizes_pad_their_patches(models):
+    """NaFlex: each image keeps its own patch grid; the smaller one is padded and masked, and its tokens
+    count only its real patches (4 x 4 patches -> 2 x 2 tokens, 4 x 8 -> 2 x 4)."""
+    model = models("lfm2_vl")
+    inputs = zoo.tiny_example_inputs("lfm2_vl", model, batch_size=2, image_size=[(16, 16), (16, 32)])
+    assert inputs["spatial_shapes"].tolist() == [[4, 4], [4, 8]] * 2
+    assert inputs["pixel_values"].shape == (4, 32, 48)
+    assert inputs["pixel_attention_mask"].sum(-1).tolist() == [16, 32] * 2
+    assert int((inputs["input_ids"] == image_token_id(model.config)).sum()) == 2 * (4 + 8)
     out = model(**inputs, use_cache=False)
     assert torch.isfinite(out.loss)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import aya_vision, gemma3, glm4v, idefics3, internvl, llama4, llava, mistral3, mllama, paligemma
-from . import phi4_multimodal, qwen_vl
+from . import janus, lfm2_vl, phi4_multimodal, qwen_vl
 from ._common import IGNORE_INDEX, InputRequest, as_size
 from ._packed_vision import install_block_diagonal_vision_attention
 
@@ -105,6 +105,8 @@ _RECIPES: dict[str, FamilyRecipe] = {
         FamilyRecipe("llama4", llama4.llama4_inputs),
         # No prologue: no input-level fix exports Phi-4 (see docs/tracing.md); regional fallback planned.
         FamilyRecipe("phi4_multimodal", phi4_multimodal.phi4_multimodal_inputs),
+        FamilyRecipe("lfm2_vl", lfm2_vl.lfm2_vl_inputs),
+        FamilyRecipe("janus", janus.janus_inputs),
     ]
 }
 
