@@ -91,7 +91,7 @@ def test_unknown_family_is_rejected():
 
 @pytest.mark.parametrize("model_type", sorted(refused_model_types()))
 def test_a_refused_family_is_refused_with_what_is_missing(model_type):
-    """A model of a refused family (its config; building its timm tower needs timm) gets the reason, in
+    """A model of a refused family (a stand-in carrying its config: a timm tower needs timm) gets the reason, in
     rewrite() and when inputs are synthesised; docs/models.md lists it with the same reason."""
     reason = refused_model_types()[model_type]
 

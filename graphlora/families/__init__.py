@@ -125,6 +125,10 @@ _REFUSED: dict[str, str] = {
                            "not covered either",
     "perception_lm": _timm_tower("a Perception Encoder ViT"),
     "fast_vlm": _timm_tower("FastViT-HD: convolutional stages, then attention stages"),
+    "florence2": "its language model is an encoder-decoder (BART), and graphlora's labels and input synthesis assume "
+    "a decoder-only one: decoder inputs (decoder_input_ids, labels shifted right) carry no modality, the decoder's "
+    "cross-attention to the encoder output is not recognised as cross-attention, and the per-stage block lists of "
+    "its DaViT vision tower are not found as blocks",
 }
 
 
