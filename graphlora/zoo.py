@@ -212,6 +212,18 @@ def _aya_vision():
     )
 
 
+def _llava_onevision():
+    return transformers.LlavaOnevisionConfig(
+        vision_config=transformers.SiglipVisionConfig(**_vision(vision_use_head=False)),  # as released
+        text_config=transformers.Qwen2Config(**_text()),
+        image_token_index=255,
+        video_token_index=254,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+
+
 def _internvl():
     return transformers.InternVLConfig(
         vision_config=transformers.InternVLVisionConfig(
@@ -408,6 +420,7 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "pixtral": ("LlavaForConditionalGeneration", _pixtral),
     "mistral3": ("Mistral3ForConditionalGeneration", _mistral3),
     "aya_vision": ("AyaVisionForConditionalGeneration", _aya_vision),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", _llava_onevision),
     "internvl": ("InternVLForConditionalGeneration", _internvl),
     "paligemma": ("PaliGemmaForConditionalGeneration", _paligemma),
     "gemma3": ("Gemma3ForConditionalGeneration", _gemma3),
