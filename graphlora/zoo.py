@@ -224,6 +224,22 @@ def _llava_onevision():
     )
 
 
+def _cohere2_vision():
+    return transformers.Cohere2VisionConfig(
+        vision_config=transformers.SiglipVisionConfig(**_vision(vision_use_head=False)),  # as aya_vision
+        text_config=transformers.Cohere2Config(
+            **_text(head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+        ),
+        downsample_factor=2,  # 4x4 patches -> 4 <|IMG_PATCH|> per tile
+        alignment_intermediate_size=64,  # SwiGLU: chunked into two halves of 32
+        image_token_id=255,
+        # processor tokens (not transformers config fields)
+        boi_token_id=252,
+        eoi_token_id=253,
+        img_line_break_token_id=254,
+    )
+
+
 def _internvl():
     return transformers.InternVLConfig(
         vision_config=transformers.InternVLVisionConfig(
@@ -421,6 +437,7 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "mistral3": ("Mistral3ForConditionalGeneration", _mistral3),
     "aya_vision": ("AyaVisionForConditionalGeneration", _aya_vision),
     "llava_onevision": ("LlavaOnevisionForConditionalGeneration", _llava_onevision),
+    "cohere2_vision": ("Cohere2VisionForConditionalGeneration", _cohere2_vision),
     "internvl": ("InternVLForConditionalGeneration", _internvl),
     "paligemma": ("PaliGemmaForConditionalGeneration", _paligemma),
     "gemma3": ("Gemma3ForConditionalGeneration", _gemma3),

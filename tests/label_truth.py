@@ -90,6 +90,10 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
     # (image_newline is a parameter concatenated after it, no matmul), Qwen2 decoder, untied lm_head.
     "llava_onevision": llava_like("model.vision_tower.encoder.layers", CLIP,
                                   ["model.multi_modal_projector.linear_{1,2}"]),
+    # Cohere2 Vision: Aya Vision's layout: pixel shuffle -> linear_1 (SwiGLU, chunked) -> linear_2 (projector);
+    # Cohere2 decoder; lm_head tied to the embeddings (still a matmul that produces the logits).
+    "cohere2_vision": llava_like("model.vision_tower.encoder.layers", CLIP,
+                                 ["model.multi_modal_projector.linear_{1,2}"]),
     "internvl": llava_like("model.vision_tower.encoder.layer", INTERNVIT, ["model.multi_modal_projector.linear_{1,2}"]),
     "paligemma": llava_like("model.vision_tower.encoder.layers", CLIP, ["model.multi_modal_projector.linear"]),
     # Gemma 3: the projector has no Linear: avg-pool, RMSNorm, then ``x @ mm_input_projection_weight``.
@@ -191,7 +195,7 @@ SIGLIP_HEAD = {f"model.vision_tower.head.{name}": (V, role) for name, role in {
     "attention.in_proj_weight": "attn.qkv", "attention.out_proj": "attn.o",
     "mlp.fc1": "mlp.up", "mlp.fc2": "mlp.down"}.items()}
 VARIANT_EXTRAS: dict[str, dict[str, tuple[str, str]]] = {
-    "gemma3": SIGLIP_HEAD, "paligemma": SIGLIP_HEAD, "llava_onevision": SIGLIP_HEAD}
+    "gemma3": SIGLIP_HEAD, "paligemma": SIGLIP_HEAD, "llava_onevision": SIGLIP_HEAD, "cohere2_vision": SIGLIP_HEAD}
 
 def _pattern(name: str) -> re.Pattern:
     """``name`` with every block index (a numeric segment followed by more) matching any index."""

@@ -42,6 +42,8 @@ LAYERS: dict[str, dict[str, int | None]] = {
                    f"{LM}.1.self_attn.k_proj": 1},
     "llava_onevision": {"model.vision_tower.encoder.layers.1.self_attn.out_proj": 1, f"{LM}.0.mlp.down_proj": 0,
                         "model.multi_modal_projector.linear_1": None, "lm_head": None},
+    "cohere2_vision": {"model.vision_tower.encoder.layers.0.mlp.fc2": 0, "model.multi_modal_projector.linear_2": None,
+                       f"{LM}.1.self_attn.q_proj": 1},
     "internvl": {"model.vision_tower.encoder.layer.1.attention.projection_layer": 1, f"{LM}.0.mlp.gate_proj": 0,
                  "model.multi_modal_projector.linear_2": None},
     "paligemma": {"model.vision_tower.encoder.layers.0.mlp.fc2": 0, "model.multi_modal_projector.linear": None,
