@@ -240,6 +240,16 @@ def _cohere2_vision():
     )
 
 
+def _deepseek_vl():
+    return transformers.DeepseekVLConfig(
+        # SigLIP's pooling head stays on as in the released checkpoint: it runs, but the aligner reads
+        # last_hidden_state, so the head never reaches the loss
+        vision_config=transformers.SiglipVisionConfig(**_vision()),
+        text_config=transformers.LlamaConfig(**_text()),
+        image_token_id=255,
+    )
+
+
 def _internvl():
     return transformers.InternVLConfig(
         vision_config=transformers.InternVLVisionConfig(
@@ -438,6 +448,7 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "aya_vision": ("AyaVisionForConditionalGeneration", _aya_vision),
     "llava_onevision": ("LlavaOnevisionForConditionalGeneration", _llava_onevision),
     "cohere2_vision": ("Cohere2VisionForConditionalGeneration", _cohere2_vision),
+    "deepseek_vl": ("DeepseekVLForConditionalGeneration", _deepseek_vl),
     "internvl": ("InternVLForConditionalGeneration", _internvl),
     "paligemma": ("PaliGemmaForConditionalGeneration", _paligemma),
     "gemma3": ("Gemma3ForConditionalGeneration", _gemma3),

@@ -94,6 +94,15 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
     # Cohere2 decoder; lm_head tied to the embeddings (still a matmul that produces the logits).
     "cohere2_vision": llava_like("model.vision_tower.encoder.layers", CLIP,
                                  ["model.multi_modal_projector.linear_{1,2}"]),
+    # DeepSeek-VL: AutoModel of a SigLIP vision config is the bare SiglipVisionTransformer (no inner
+    # ``vision_model``); its pooling head runs (vision_use_head as released) but the aligner reads
+    # last_hidden_state, so the head is vision and dead. Aligner linear1 -> GELU -> linear2: projector.
+    "deepseek_vl": {
+        **llava_like("model.vision_model.encoder.layers", CLIP, ["model.aligner.linear{1,2}"]),
+        **{f"model.vision_model.head.{name}": (V, role) for name, role in {
+            "attention.in_proj_weight": "attn.qkv", "attention.out_proj": "attn.o",
+            "mlp.fc1": "mlp.up", "mlp.fc2": "mlp.down"}.items()},
+    },
     "internvl": llava_like("model.vision_tower.encoder.layer", INTERNVIT, ["model.multi_modal_projector.linear_{1,2}"]),
     "paligemma": llava_like("model.vision_tower.encoder.layers", CLIP, ["model.multi_modal_projector.linear"]),
     # Gemma 3: the projector has no Linear: avg-pool, RMSNorm, then ``x @ mm_input_projection_weight``.

@@ -44,6 +44,8 @@ LAYERS: dict[str, dict[str, int | None]] = {
                         "model.multi_modal_projector.linear_1": None, "lm_head": None},
     "cohere2_vision": {"model.vision_tower.encoder.layers.0.mlp.fc2": 0, "model.multi_modal_projector.linear_2": None,
                        f"{LM}.1.self_attn.q_proj": 1},
+    "deepseek_vl": {"model.vision_model.encoder.layers.1.mlp.fc1": 1, "model.vision_model.head.mlp.fc1": None,
+                    "model.aligner.linear1": None, f"{LM}.0.self_attn.v_proj": 0},
     "internvl": {"model.vision_tower.encoder.layer.1.attention.projection_layer": 1, f"{LM}.0.mlp.gate_proj": 0,
                  "model.multi_modal_projector.linear_2": None},
     "paligemma": {"model.vision_tower.encoder.layers.0.mlp.fc2": 0, "model.multi_modal_projector.linear": None,

@@ -19,6 +19,7 @@ PARTS = {
     "aya_vision": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "llava_onevision": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "cohere2_vision": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "deepseek_vl": ("model.vision_model", "model.aligner", "model.language_model"),
     "internvl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "paligemma": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "gemma3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),

@@ -31,7 +31,7 @@ import torch
 
 from . import aya_vision, gemma3, glm4v, idefics3, internvl, llama4, llava, mistral3, mllama, paligemma
 from . import phi4_multimodal, qwen_vl
-from . import cohere2_vision, llava_onevision
+from . import cohere2_vision, deepseek_vl, llava_onevision
 from ._common import IGNORE_INDEX, InputRequest, as_size
 from ._packed_vision import install_block_diagonal_vision_attention
 
@@ -91,6 +91,7 @@ _RECIPES: dict[str, FamilyRecipe] = {
         FamilyRecipe("llava_onevision", llava_onevision.llava_onevision_inputs,
                      prologue=llava_onevision.llava_onevision_prologue),
         FamilyRecipe("cohere2_vision", cohere2_vision.cohere2_vision_inputs),
+        FamilyRecipe("deepseek_vl", deepseek_vl.deepseek_vl_inputs),
         FamilyRecipe("internvl", internvl.internvl_inputs),
         FamilyRecipe("paligemma", paligemma.paligemma_inputs),
         FamilyRecipe("gemma3", gemma3.gemma3_inputs),
