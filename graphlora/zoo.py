@@ -212,6 +212,44 @@ def _aya_vision():
     )
 
 
+def _llava_onevision():
+    return transformers.LlavaOnevisionConfig(
+        vision_config=transformers.SiglipVisionConfig(**_vision(vision_use_head=False)),  # as released
+        text_config=transformers.Qwen2Config(**_text()),
+        image_token_index=255,
+        video_token_index=254,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+
+
+def _cohere2_vision():
+    return transformers.Cohere2VisionConfig(
+        vision_config=transformers.SiglipVisionConfig(**_vision(vision_use_head=False)),  # as aya_vision
+        text_config=transformers.Cohere2Config(
+            **_text(head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+        ),
+        downsample_factor=2,  # 4x4 patches -> 4 <|IMG_PATCH|> per tile
+        alignment_intermediate_size=64,  # SwiGLU: chunked into two halves of 32
+        image_token_id=255,
+        # processor tokens (not transformers config fields)
+        boi_token_id=252,
+        eoi_token_id=253,
+        img_line_break_token_id=254,
+    )
+
+
+def _deepseek_vl():
+    return transformers.DeepseekVLConfig(
+        # SigLIP's pooling head stays on as in the released checkpoint: it runs, but the aligner reads
+        # last_hidden_state, so the head never reaches the loss
+        vision_config=transformers.SiglipVisionConfig(**_vision()),
+        text_config=transformers.LlamaConfig(**_text()),
+        image_token_id=255,
+    )
+
+
 def _internvl():
     return transformers.InternVLConfig(
         vision_config=transformers.InternVLVisionConfig(
@@ -452,6 +490,9 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "pixtral": ("LlavaForConditionalGeneration", _pixtral),
     "mistral3": ("Mistral3ForConditionalGeneration", _mistral3),
     "aya_vision": ("AyaVisionForConditionalGeneration", _aya_vision),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", _llava_onevision),
+    "cohere2_vision": ("Cohere2VisionForConditionalGeneration", _cohere2_vision),
+    "deepseek_vl": ("DeepseekVLForConditionalGeneration", _deepseek_vl),
     "internvl": ("InternVLForConditionalGeneration", _internvl),
     "paligemma": ("PaliGemmaForConditionalGeneration", _paligemma),
     "gemma3": ("Gemma3ForConditionalGeneration", _gemma3),

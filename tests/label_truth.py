@@ -86,6 +86,23 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
     # Aya Vision: pixel shuffle -> LayerNorm -> linear_1 (SwiGLU, chunked) -> linear_2: all projector;
     # Cohere2 decoder (parallel attention and MLP) has Llama-named linears.
     "aya_vision": llava_like("model.vision_tower.encoder.layers", CLIP, ["model.multi_modal_projector.linear_{1,2}"]),
+    # LLaVA-OneVision: SigLIP tower read at its last layer (all layers live), LLaVA's 2-layer GELU projector
+    # (image_newline is a parameter concatenated after it, no matmul), Qwen2 decoder, untied lm_head.
+    "llava_onevision": llava_like("model.vision_tower.encoder.layers", CLIP,
+                                  ["model.multi_modal_projector.linear_{1,2}"]),
+    # Cohere2 Vision: Aya Vision's layout: pixel shuffle -> linear_1 (SwiGLU, chunked) -> linear_2 (projector);
+    # Cohere2 decoder; lm_head tied to the embeddings (still a matmul that produces the logits).
+    "cohere2_vision": llava_like("model.vision_tower.encoder.layers", CLIP,
+                                 ["model.multi_modal_projector.linear_{1,2}"]),
+    # DeepSeek-VL: AutoModel of a SigLIP vision config is the bare SiglipVisionTransformer (no inner
+    # ``vision_model``); its pooling head runs (vision_use_head as released) but the aligner reads
+    # last_hidden_state, so the head is vision and dead. Aligner linear1 -> GELU -> linear2: projector.
+    "deepseek_vl": {
+        **llava_like("model.vision_model.encoder.layers", CLIP, ["model.aligner.linear{1,2}"]),
+        **{f"model.vision_model.head.{name}": (V, role) for name, role in {
+            "attention.in_proj_weight": "attn.qkv", "attention.out_proj": "attn.o",
+            "mlp.fc1": "mlp.up", "mlp.fc2": "mlp.down"}.items()},
+    },
     "internvl": llava_like("model.vision_tower.encoder.layer", INTERNVIT, ["model.multi_modal_projector.linear_{1,2}"]),
     "paligemma": llava_like("model.vision_tower.encoder.layers", CLIP, ["model.multi_modal_projector.linear"]),
     # Gemma 3: the projector has no Linear: avg-pool, RMSNorm, then ``x @ mm_input_projection_weight``.
@@ -217,7 +234,8 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
 SIGLIP_HEAD = {f"model.vision_tower.head.{name}": (V, role) for name, role in {
     "attention.in_proj_weight": "attn.qkv", "attention.out_proj": "attn.o",
     "mlp.fc1": "mlp.up", "mlp.fc2": "mlp.down"}.items()}
-VARIANT_EXTRAS: dict[str, dict[str, tuple[str, str]]] = {"gemma3": SIGLIP_HEAD, "paligemma": SIGLIP_HEAD}
+VARIANT_EXTRAS: dict[str, dict[str, tuple[str, str]]] = {
+    "gemma3": SIGLIP_HEAD, "paligemma": SIGLIP_HEAD, "llava_onevision": SIGLIP_HEAD, "cohere2_vision": SIGLIP_HEAD}
 
 def _pattern(name: str) -> re.Pattern:
     """``name`` with every block index (a numeric segment followed by more) matching any index."""

@@ -35,7 +35,7 @@ EXAMPLES = 2  # per family: the default run must stay near its time budget (CI=t
 TOWER = {"vision": "vision", "language": "language", "cross_attention": "language"}
 
 #: Families whose vision tower is SigLIP (``vision_use_head`` is a config field).
-SIGLIP = {"gemma3", "paligemma"}
+SIGLIP = {"gemma3", "paligemma", "llava_onevision", "cohere2_vision", "deepseek_vl"}
 #: Families whose image layout follows (image_size / patch_size)^2 with no other field tied to it.
 FREE_PATCH = {"llava": "image_seq_length"}
 #: Knobs a family's layout pins (changing them breaks the model itself, not graphlora).

@@ -2,7 +2,7 @@
 
 For every family with a prologue (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V: M-RoPE positions and
 vision metadata as inputs, block-diagonal vision attention; Pixtral, Mistral 3, LLaVA-NeXT: static
-``image_sizes``) these tests prove:
+``image_sizes``; LLaVA-OneVision: also a static ``batch_num_images``) these tests prove:
 
 1. eager ``model(**prologue(model, call))`` equals the unmodified model on ``call`` (logits, loss);
 2. ``export_call`` of the prologue's output succeeds in eval and train mode and the exported program
@@ -27,7 +27,7 @@ from graphlora.families import _packed_vision, get_prologue, prepare_for_tracing
 from graphlora.trace import default_dynamic_shapes, export_call, make_call_key, split_call
 
 GRID = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "qwen3_vl_moe", "glm4v_moe"]
-SIZES = ["pixtral", "mistral3", "llava_next"]
+SIZES = ["pixtral", "mistral3", "llava_next", "llava_onevision"]
 PROLOGUE_FAMILIES = GRID + SIZES
 ATOL = 1e-5
 
@@ -37,6 +37,7 @@ MIXED = {
     "pixtral": [(32, 32), (16, 32)],
     "mistral3": [(32, 32), (16, 32)],
     "llava_next": [(16, 32), (32, 32)],  # 2 and 4 tiles
+    "llava_onevision": [(16, 32), (32, 32)],  # two images in a sample: one untiled tile each
 }
 
 
@@ -229,7 +230,8 @@ def test_grid_families_reuse_one_program(models, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["pixtral", pytest.param("mistral3", marks=slow), pytest.param("llava_next", marks=slow)]
+    "name", ["pixtral", pytest.param("mistral3", marks=slow), pytest.param("llava_next", marks=slow),
+             pytest.param("llava_onevision", marks=slow)]
 )
 def test_image_size_families_reuse_for_text_length_only(models, name):
     """Longer text: same program. Other image sizes: another cache key (``image_sizes`` is static)."""
@@ -262,7 +264,8 @@ def test_prologue_is_idempotent(models, name):
 
 
 @pytest.mark.parametrize(
-    "name", GRID + ["pixtral", pytest.param("mistral3", marks=slow), pytest.param("llava_next", marks=slow)]
+    "name", GRID + ["pixtral", pytest.param("mistral3", marks=slow), pytest.param("llava_next", marks=slow),
+                    pytest.param("llava_onevision", marks=slow)]
 )
 def test_text_only_call(models, name):
     reference, model = models(name)

@@ -36,9 +36,16 @@ def mode_of(lora_model) -> str:
     return "prologue" if "prologue" in lora_model.regions[0].reason else "whole"
 
 
+def frozen(model):
+    """The model with its weights frozen, as rewrite() leaves them: the references below are compared at
+    atol 1e-6, and a matmul on a non-contiguous input (Cohere2 Vision's pixel-shuffled projector input)
+    takes another kernel path, with other rounding (1e-5 relative), when its weight requires grad."""
+    return model.requires_grad_(False)
+
+
 @pytest.mark.parametrize("name", zoo.tiny_model_names())
 def test_family_rewrites_without_example_inputs_equals_eager_and_trains(name):
-    model = zoo.build_tiny_model(name)
+    model = frozen(zoo.build_tiny_model(name))
     inputs = zoo.tiny_example_inputs(name, model)  # what rewrite() synthesises from the config
     with torch.no_grad():
         reference = model(**inputs, use_cache=False)
@@ -59,7 +66,7 @@ def test_family_rewrites_without_example_inputs_equals_eager_and_trains(name):
 @pytest.mark.parametrize("name", zoo.tiny_model_names())
 def test_family_traces_whole_or_by_regions_as_documented(name):
     """The whole-model trace: plain, after the family's eager prologue, or (Phi-4) by regions."""
-    model = zoo.build_tiny_model(name)
+    model = frozen(zoo.build_tiny_model(name))
     inputs = zoo.tiny_example_inputs(name, model)
     with torch.no_grad():
         reference = model(**inputs, use_cache=False)

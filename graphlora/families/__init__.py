@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import aya_vision, gemma3, glm4v, idefics3, internvl, llama4, llava, mistral3, mllama, paligemma
-from . import janus, lfm2_vl, phi4_multimodal, qwen_vl
+from . import cohere2_vision, deepseek_vl, janus, lfm2_vl, llava_onevision, phi4_multimodal, qwen_vl
 from ._common import IGNORE_INDEX, InputRequest, as_size
 from ._packed_vision import install_block_diagonal_vision_attention
 
@@ -89,6 +89,10 @@ _RECIPES: dict[str, FamilyRecipe] = {
         FamilyRecipe("llava_next", llava.llava_next_inputs, prologue=llava.llava_prologue),
         FamilyRecipe("mistral3", mistral3.mistral3_inputs, prologue=mistral3.mistral3_prologue),
         FamilyRecipe("aya_vision", aya_vision.aya_vision_inputs),
+        FamilyRecipe("llava_onevision", llava_onevision.llava_onevision_inputs,
+                     prologue=llava_onevision.llava_onevision_prologue),
+        FamilyRecipe("cohere2_vision", cohere2_vision.cohere2_vision_inputs),
+        FamilyRecipe("deepseek_vl", deepseek_vl.deepseek_vl_inputs),
         FamilyRecipe("internvl", internvl.internvl_inputs),
         FamilyRecipe("paligemma", paligemma.paligemma_inputs),
         FamilyRecipe("gemma3", gemma3.gemma3_inputs),
