@@ -18,13 +18,13 @@ from graphlora.labels import Component, Role
 # -- component keywords, matched against each path segment (attribute name) -----------------------
 _PROJECTOR_SEGMENT = re.compile(
     r"^(multi_modal_projector|mm_projector|connector|merger|projector|vision_projection|"
-    r"multi_modal_projection|(img|image|visual|vision)_projection(_\w+)?|vision_adapter|mlp1)$"
+    r"multi_modal_projection|(img|image|visual|vision)_projection(_\w+)?|vision_adapter|mlp1|aligner)$"
 )
 _VISION_SEGMENT = re.compile(r"(vision|visual|image|img|patch|siglip|clip)")
 _LANGUAGE_SEGMENT = re.compile(r"(language|text|decoder|llm|transformer_lm)")
 _CROSS_ATTN_SEGMENT = re.compile(r"^(cross_attn|cross_attention|crossattention|encoder_attn)$")
 
-_PROJECTOR_CLASS = re.compile(r"(Projector|Connector|PatchMerger|Merger|MultiModalProjection|Adapter)$")
+_PROJECTOR_CLASS = re.compile(r"(Projector|Connector|PatchMerger|Merger|MultiModalProjection|Adapter|Aligner)$")
 _VISION_CLASS = re.compile(r"(Vision|Visual|Siglip|CLIP|Pixtral|ViT|Image)")
 _CROSS_ATTN_CLASS = re.compile(r"CrossAttention$")  # the attention module, not "CrossAttentionDecoderLayer"
 
