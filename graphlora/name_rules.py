@@ -24,7 +24,7 @@ _VISION_SEGMENT = re.compile(r"(vision|visual|image|img|patch|siglip|clip)")
 _LANGUAGE_SEGMENT = re.compile(r"(language|text|decoder|llm|transformer_lm)")
 _CROSS_ATTN_SEGMENT = re.compile(r"^(cross_attn|cross_attention|crossattention|encoder_attn)$")
 
-_PROJECTOR_CLASS = re.compile(r"(Projector|Connector|PatchMerger|Merger|MultiModalProjection|Adapter)$")
+_PROJECTOR_CLASS = re.compile(r"(Projector|Connector|PatchMerger|Merger|MultiModalProjection|Adapter|Aligner)$")
 _VISION_CLASS = re.compile(r"(Vision|Visual|Siglip|CLIP|Pixtral|ViT|Image)")
 _CROSS_ATTN_CLASS = re.compile(r"CrossAttention$")  # the attention module, not "CrossAttentionDecoderLayer"
 

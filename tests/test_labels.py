@@ -163,6 +163,15 @@ def test_expectations_cover_the_zoo():
         assert site in EXPECTED[family], (family, site)
 
 
+def test_names_know_the_deepseek_vl_aligner():
+    """The name rules label DeepSeek-VL's ``model.aligner`` (linear1 -> GELU -> linear2, read by the language
+    model) as the projector, as the structure does (regional mode has only the names to go by)."""
+    rows, error = _explain("deepseek_vl")
+    assert error is None
+    assert {name: row.names_say for name, row in rows.items() if row.names_say} == {}
+    assert {str(rows[f"model.aligner.linear{i}"].component) for i in (1, 2)} == {P}
+
+
 @pytest.mark.parametrize("family", [_family_param(f) for f in FAMILIES])
 def test_explain_runs(family):
     rows, error = _explain(family)
