@@ -260,3 +260,46 @@ def test_llava_dead_last_vision_layer():
     for s in lora_model.skipped_sites:
         assert s.layer == 1 and s.component == V
         assert "never reaches" in s.reason and "loss" in s.reason, s.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. a learned-query resampler between the tower and the text is the projector, not more vision layers
+# ---------------------------------------------------------------------------------------------
+def _perceiver_vlm():
+    """A tiny Idefics2 built here from transformers' configs: SigLIP-like tower, modality_projection (a SwiGLU MLP)
+    then a perceiver resampler whose learned latents attend to the projected patches, Mistral text."""
+    import torch
+    import transformers
+
+    config = transformers.Idefics2Config(
+        vision_config=transformers.Idefics2VisionConfig(**zoo._vision()),
+        perceiver_config=transformers.Idefics2PerceiverConfig(
+            hidden_size=32, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=4, resampler_head_dim=8,
+            num_key_value_heads=2),
+        text_config=transformers.MistralConfig(**zoo._text(head_dim=8)),
+        image_token_id=255)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.Idefics2ForConditionalGeneration(config)
+    zoo.revive_zero_parameters(model)
+    ids = torch.tensor([[5, 6, 254] + [255] * 4 + [254, 7, 8, 9]] * 2)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.masked_fill(ids >= 254, -100),
+                  pixel_values=torch.randn(2, 1, 3, 16, 16), pixel_attention_mask=torch.ones(2, 1, 16, 16, dtype=torch.long))
+    return model.eval(), inputs
+
+
+def test_perceiver_resampler_is_the_projector_with_its_block_roles():
+    model, inputs = _perceiver_vlm()
+    lora_model = graphlora.rewrite(model, _EVERYTHING, inputs, fuse=False)
+    got = {s.name: (s.component, s.role, s.layer) for s in [*lora_model.sites, *lora_model.skipped_sites]}
+    resampler = "model.connector.perceiver_resampler.layers"
+    for layer in (0, 1):
+        for name, role in {**dict(zip(expand("self_attn.{q,k,v,o}_proj"), expand("attn.{q,k,v,o}"))),
+                           **dict(zip(expand("mlp.{gate,up,down}_proj"), expand("mlp.{gate,up,down}")))}.items():
+            assert got[f"{resampler}.{layer}.{name}"] == (P, role, None), name
+    # what feeds the resampler is the projector too (it no longer feeds a "vision block")
+    for name in expand("model.connector.modality_projection.{gate,up,down}_proj"):
+        assert got[name] == (P, "other", None), name
+    assert {layer for comp, _, layer in got.values() if comp == V} == {0, 1}  # the tower alone
+    assert lora_model.label_check["disagreements"] == []  # the name rules give the resampler's roles too
