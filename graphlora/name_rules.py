@@ -18,7 +18,8 @@ from graphlora.labels import Component, Role
 # -- component keywords, matched against each path segment (attribute name) -----------------------
 _PROJECTOR_SEGMENT = re.compile(
     r"^(multi_modal_projector|mm_projector|connector|merger|projector|vision_projection|"
-    r"multi_modal_projection|(img|image|visual|vision)_projection(_\w+)?|vision_adapter|mlp1)$"
+    r"multi_modal_projection|(img|image|visual|vision)_projection(_\w+)?|vision_adapter|mlp1|"
+    r"head_linear|visual_embeddings_table)$"  # Ovis2: visual-vocabulary logits, then their expected text embedding
 )
 _VISION_SEGMENT = re.compile(r"(vision|visual|image|img|patch|siglip|clip)")
 _LANGUAGE_SEGMENT = re.compile(r"(language|text|decoder|llm|transformer_lm)")

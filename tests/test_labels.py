@@ -303,3 +303,21 @@ def test_perceiver_resampler_is_the_projector_with_its_block_roles():
         assert got[name] == (P, "other", None), name
     assert {layer for comp, _, layer in got.values() if comp == V} == {0, 1}  # the tower alone
     assert lora_model.label_check["disagreements"] == []  # the name rules give the resampler's roles too
+
+
+def test_name_rules_call_ovis2s_visual_tokenizer_head_and_embedding_table_the_projector():
+    """Ovis2 maps the tower's features to text embeddings in two matmuls outside the blocks: ``head_linear`` (logits over a
+    visual vocabulary, softmax) and the visual embedding table (their expected embedding). The structure labels both
+    projector; the names must agree, or ``finetune_projector`` meets a disagreement that changes the selection."""
+    from graphlora.labels import Component
+    from graphlora.name_rules import StackEntry, component_by_name
+
+    model = StackEntry("model", "Ovis2Model")
+    tower = StackEntry("model.vision_tower", "Ovis2VisionModel")
+    head = [model, tower, StackEntry("model.vision_tower.head_linear", "Linear")]
+    table = [model, StackEntry("model.visual_embeddings_table", "Ovis2VisualEmbeddingTable"),
+             StackEntry("model.visual_embeddings_table.weight", "Parameter")]
+    block = [model, tower, StackEntry("model.vision_tower.transformer.encoder.layers.0.ffn.up_proj", "Linear")]
+    assert component_by_name(head, frozenset()) == Component.PROJECTOR
+    assert component_by_name(table, frozenset()) == Component.PROJECTOR
+    assert component_by_name(block, frozenset()) == Component.VISION
