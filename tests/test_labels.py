@@ -289,9 +289,12 @@ def _perceiver_vlm():
     return model.eval(), inputs
 
 
-def test_perceiver_resampler_is_the_projector_with_its_block_roles():
+@pytest.mark.parametrize("trace_mode", ["blocks", "whole"])
+def test_perceiver_resampler_is_the_projector_with_its_block_roles(trace_mode):
+    """Also in the exported whole-model graph, where the latents are expanded to the image batch by a ``sym_size``
+    of the pixels: a size is not a value, the queries still read no input."""
     model, inputs = _perceiver_vlm()
-    lora_model = graphlora.rewrite(model, _EVERYTHING, inputs, fuse=False)
+    lora_model = graphlora.rewrite(model, _EVERYTHING, inputs, fuse=False, trace_mode=trace_mode)
     got = {s.name: (s.component, s.role, s.layer) for s in [*lora_model.sites, *lora_model.skipped_sites]}
     resampler = "model.connector.perceiver_resampler.layers"
     for layer in (0, 1):
