@@ -172,6 +172,23 @@ def _smolvlm():
     return _idefics3_like(transformers.SmolVLMConfig, transformers.SmolVLMVisionConfig)
 
 
+def _idefics2():
+    return transformers.Idefics2Config(
+        vision_config=transformers.Idefics2VisionConfig(**_vision()),
+        perceiver_config=transformers.Idefics2PerceiverConfig(
+            hidden_size=HIDDEN,  # the text width: the resampler runs after modality_projection
+            resampler_n_latents=4,  # = the processor's image_seq_len (64 released)
+            resampler_depth=2,
+            resampler_n_heads=4,
+            resampler_head_dim=8,
+            num_key_value_heads=2,
+        ),
+        text_config=transformers.MistralConfig(**_text(head_dim=8)),
+        image_token_id=255,  # <image>; <fake_token_around_image> is the id below it, as released
+        fake_image_token_id=254,  # processor token (not a transformers config field)
+    )
+
+
 def _mllama():
     return transformers.MllamaConfig(
         vision_config=transformers.MllamaVisionConfig(
@@ -413,6 +430,7 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "gemma3": ("Gemma3ForConditionalGeneration", _gemma3),
     "idefics3": ("Idefics3ForConditionalGeneration", _idefics3),
     "smolvlm": ("SmolVLMForConditionalGeneration", _smolvlm),
+    "idefics2": ("Idefics2ForConditionalGeneration", _idefics2),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", _qwen2_vl),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", _qwen3_vl),

@@ -96,6 +96,17 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
                            lm="model.text_model.layers"),
     "smolvlm": llava_like("model.vision_model.encoder.layers", CLIP, ["model.connector.modality_projection.proj"],
                           lm="model.text_model.layers"),
+    # Idefics2: SigLIP-like tower; the connector is modality_projection (a SwiGLU MLP to the text width, outside any
+    # block: role other) then a perceiver resampler whose learned latents (queries) attend to [projected patches;
+    # latents] (keys/values): its layers are attention + SwiGLU blocks, but they compress the image for the text
+    # and feed no vision block: the projector, with their attention/MLP roles and no layer. Mistral text.
+    "idefics2": {
+        **tower("model.vision_model.encoder.layers", "{0,1}", V, CLIP),
+        **single(P, "other", "model.connector.modality_projection.{gate,up,down}_proj"),
+        **tower("model.connector.perceiver_resampler.layers", "{0,1}", P, LLAMA),
+        **tower("model.text_model.layers", "{0,1}", L, LLAMA),
+        **single(H, "other", "lm_head"),
+    },
     # Qwen2-VL: the merger (LayerNorm, mlp.0, GELU, mlp.2) sits inside the vision tower but is the projector.
     "qwen2_vl": llava_like("model.visual.blocks", {**QWEN_VIT_ATTN, **pairs("mlp.fc{1,2}", "mlp.{up,down}")},
                            ["model.visual.merger.mlp.{0,2}"]),

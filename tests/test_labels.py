@@ -49,6 +49,10 @@ LAYERS: dict[str, dict[str, int | None]] = {
     "idefics3": {"model.vision_model.encoder.layers.1.self_attn.v_proj": 1, "model.connector.modality_projection.proj": None,
                  "model.text_model.layers.1.mlp.gate_proj": 1},
     "smolvlm": {"model.vision_model.encoder.layers.0.self_attn.k_proj": 0, "model.text_model.layers.0.self_attn.o_proj": 0},
+    # Idefics2: the perceiver's layers are the projector's, outside the towers' numbering.
+    "idefics2": {"model.vision_model.encoder.layers.1.mlp.fc1": 1, "model.connector.modality_projection.down_proj": None,
+                 "model.connector.perceiver_resampler.layers.1.self_attn.q_proj": None,
+                 "model.text_model.layers.1.self_attn.k_proj": 1},
     "qwen2_vl": {"model.visual.blocks.1.attn.qkv": 1, "model.visual.merger.mlp.0": None, f"{LM}.1.mlp.down_proj": 1},
     "qwen2_5_vl": {"model.visual.blocks.0.mlp.gate_proj": 0, "model.visual.blocks.1.attn.proj": 1,
                    "model.visual.merger.mlp.2": None, f"{LM}.0.self_attn.q_proj": 0},
@@ -220,6 +224,9 @@ PROJECTORS = {
     "idefics3": ["model.connector.modality_projection.proj"],
     "qwen2_vl": expand("model.visual.merger.mlp.{0,2}"),
     "gemma3": ["model.multi_modal_projector.mm_input_projection_weight"],
+    "idefics2": expand("model.connector.modality_projection.{gate,up,down}_proj",
+                       "model.connector.perceiver_resampler.layers.{0,1}.self_attn.{q,k,v,o}_proj",
+                       "model.connector.perceiver_resampler.layers.{0,1}.mlp.{gate,up,down}_proj"),
 }
 
 
