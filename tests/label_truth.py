@@ -107,6 +107,13 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
         **tower("model.text_model.layers", "{0,1}", L, LLAMA),
         **single(H, "other", "lm_head"),
     },
+    # GOT-OCR2: SAM ViT layers with one fused qkv linear (reshaped, unbound into q/k/v, eager q k^T (+ decomposed
+    # rel-pos) softmax v) and proj on its output; lin1 -> GELU -> lin2. The neck and the projector's two stride-2
+    # convolutions are Conv2d (no matmul); the relative-position einsums read interpolated, indexed parameters
+    # (no weight). multimodal_projector is the one projector linear. Qwen2 text; lm_head tied to the embedding.
+    "got_ocr2": llava_like("model.vision_tower.layers",
+                           {**pairs("attn.{qkv,proj}", "attn.{qkv,o}"), **pairs("mlp.lin{1,2}", "mlp.{up,down}")},
+                           ["model.multi_modal_projector.multimodal_projector"]),
     # Qwen2-VL: the merger (LayerNorm, mlp.0, GELU, mlp.2) sits inside the vision tower but is the projector.
     "qwen2_vl": llava_like("model.visual.blocks", {**QWEN_VIT_ATTN, **pairs("mlp.fc{1,2}", "mlp.{up,down}")},
                            ["model.visual.merger.mlp.{0,2}"]),
