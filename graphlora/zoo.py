@@ -208,6 +208,21 @@ def _got_ocr2():
     )
 
 
+def _ovis2():
+    return transformers.Ovis2Config(
+        vision_config=transformers.Ovis2VisionConfig(
+            **_vision(),
+            vocab_size=64,  # the visual vocabulary (16384 released); its last 5 rows embed the indicators
+            hidden_stride=2,  # as released: 2x2 patches per visual token -> 4 tokens per image
+        ),
+        text_config=transformers.Qwen2Config(**_text()),
+        hidden_size=HIDDEN,  # the visual embedding table's width (= the text's)
+        vocab_size=VOCAB,
+        image_token_id=255,  # <IMG_ATOM>
+        visual_indicator_token_ids=[250, 251, 252, 253, 254],  # <IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>
+    )
+
+
 def _mllama():
     return transformers.MllamaConfig(
         vision_config=transformers.MllamaVisionConfig(
@@ -451,6 +466,7 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "smolvlm": ("SmolVLMForConditionalGeneration", _smolvlm),
     "idefics2": ("Idefics2ForConditionalGeneration", _idefics2),
     "got_ocr2": ("GotOcr2ForConditionalGeneration", _got_ocr2),
+    "ovis2": ("Ovis2ForConditionalGeneration", _ovis2),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", _qwen2_vl),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", _qwen3_vl),

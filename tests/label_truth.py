@@ -114,6 +114,14 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
     "got_ocr2": llava_like("model.vision_tower.layers",
                            {**pairs("attn.{qkv,proj}", "attn.{qkv,o}"), **pairs("mlp.lin{1,2}", "mlp.{up,down}")},
                            ["model.multi_modal_projector.multimodal_projector"]),
+    # Ovis2: AIMv2-like tower (q/k/v/out_proj, SwiGLU ffn). head_linear gives logits over a visual vocabulary (then
+    # LayerNorm, softmax: soft visual tokens) and the visual embedding table's matmul turns them into text
+    # embeddings: two pixel-only matmuls outside the blocks between the tower and the text: the projector (like
+    # Qwen2-VL's merger, although head_linear sits in the vision model). Qwen2 text; lm_head tied.
+    "ovis2": llava_like("model.vision_tower.transformer.encoder.layers",
+                        {**pairs("attention.{q,k,v,out}_proj", "attn.{q,k,v,o}"),
+                         **pairs("ffn.{gate,up,down}_proj", "mlp.{gate,up,down}")},
+                        ["model.vision_tower.head_linear", "model.visual_embeddings_table.weight"]),
     # Qwen2-VL: the merger (LayerNorm, mlp.0, GELU, mlp.2) sits inside the vision tower but is the projector.
     "qwen2_vl": llava_like("model.visual.blocks", {**QWEN_VIT_ATTN, **pairs("mlp.fc{1,2}", "mlp.{up,down}")},
                            ["model.visual.merger.mlp.{0,2}"]),

@@ -55,6 +55,8 @@ LAYERS: dict[str, dict[str, int | None]] = {
                  "model.text_model.layers.1.self_attn.k_proj": 1},
     "got_ocr2": {"model.vision_tower.layers.1.attn.qkv": 1, "model.multi_modal_projector.multimodal_projector": None,
                  f"{LM}.0.mlp.up_proj": 0, "lm_head": None},
+    "ovis2": {"model.vision_tower.transformer.encoder.layers.1.ffn.gate_proj": 1, "model.vision_tower.head_linear": None,
+              "model.visual_embeddings_table.weight": None, f"{LM}.1.self_attn.v_proj": 1},
     "qwen2_vl": {"model.visual.blocks.1.attn.qkv": 1, "model.visual.merger.mlp.0": None, f"{LM}.1.mlp.down_proj": 1},
     "qwen2_5_vl": {"model.visual.blocks.0.mlp.gate_proj": 0, "model.visual.blocks.1.attn.proj": 1,
                    "model.visual.merger.mlp.2": None, f"{LM}.0.self_attn.q_proj": 0},

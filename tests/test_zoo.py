@@ -24,6 +24,7 @@ PARTS = {
     "smolvlm": ("model.vision_model", "model.connector", "model.text_model"),
     "idefics2": ("model.vision_model", "model.connector", "model.text_model"),
     "got_ocr2": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "ovis2": ("model.vision_tower.transformer", "model.visual_embeddings_table", "model.language_model"),
     "qwen2_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
     "qwen2_5_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
     "qwen3_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
@@ -194,7 +195,7 @@ def test_dtype_and_meta_device(name, models):
 
 
 @pytest.mark.parametrize("name", ["llava", "idefics3", "gemma3", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics2",
-                                  "got_ocr2"])
+                                  "got_ocr2", "ovis2"])
 def test_two_images_per_sample(name, models):
     model = models(name)
     inputs = zoo.tiny_example_inputs(name, model, images_per_sample=2)

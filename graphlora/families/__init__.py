@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import aya_vision, gemma3, glm4v, got_ocr2, idefics2, idefics3, internvl, llama4, llava, mistral3, mllama
-from . import paligemma, phi4_multimodal, qwen_vl
+from . import ovis2, paligemma, phi4_multimodal, qwen_vl
 from ._common import IGNORE_INDEX, InputRequest, as_size
 from ._packed_vision import install_block_diagonal_vision_attention
 
@@ -94,6 +94,7 @@ _RECIPES: dict[str, FamilyRecipe] = {
         FamilyRecipe("smolvlm", idefics3.idefics3_inputs),
         FamilyRecipe("idefics2", idefics2.idefics2_inputs),
         FamilyRecipe("got_ocr2", got_ocr2.got_ocr2_inputs),
+        FamilyRecipe("ovis2", ovis2.ovis2_inputs),
         FamilyRecipe("qwen2_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen2_vl_prologue, prepare=_packed),
         FamilyRecipe("qwen2_5_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen2_5_vl_prologue, prepare=_packed),
         FamilyRecipe("qwen3_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen3_vl_prologue, prepare=_packed),
