@@ -18,7 +18,8 @@ from graphlora.labels import Component, Role
 # -- component keywords, matched against each path segment (attribute name) -----------------------
 _PROJECTOR_SEGMENT = re.compile(
     r"^(multi_modal_projector|mm_projector|connector|merger|projector|vision_projection|"
-    r"multi_modal_projection|(img|image|visual|vision)_projection(_\w+)?|vision_adapter|mlp1|aligner)$"
+    r"multi_modal_projection|(img|image|visual|vision)_projection(_\w+)?|vision_adapter|mlp1|aligner|"
+    r"head_linear|visual_embeddings_table)$"  # Ovis2: visual-vocabulary logits, then their expected text embedding
 )
 _VISION_SEGMENT = re.compile(r"(vision|visual|image|img|patch|siglip|clip)")
 _LANGUAGE_SEGMENT = re.compile(r"(language|text|decoder|llm|transformer_lm)")
@@ -118,12 +119,15 @@ def component_by_name(stack: list[StackEntry], head_paths: frozenset[str]) -> Co
 
 def role_by_name(stack: list[StackEntry], component: Component) -> Role:
     """Role from the leaf name, disambiguated by whether an ancestor is an attention or MLP module."""
-    if component in (Component.PROJECTOR, Component.HEAD, Component.OTHER) or not stack:
+    if component in (Component.HEAD, Component.OTHER) or not stack:
         return Role.OTHER
     leaf = stack[-1].segment.lower()
     parents = stack[:-1]
     in_attn = any(_ATTN_PARENT_SEGMENT.match(e.segment.lower()) or _ATTN_PARENT_CLASS.search(e.cls) for e in parents)
     in_mlp = any(_MLP_PARENT_SEGMENT.match(e.segment.lower()) or _MLP_PARENT_CLASS.search(e.cls) for e in parents)
+    # A projector's linears have no role, except in the attention / MLP of its repeated blocks (a resampler's layers).
+    if component == Component.PROJECTOR and not ((in_attn or in_mlp) and any(e.segment.isdigit() for e in parents)):
+        return Role.OTHER
     if in_attn and not in_mlp and leaf in _ATTN_LEAF:
         return _ATTN_LEAF[leaf]
     if in_mlp and not in_attn and leaf in _MLP_LEAF:

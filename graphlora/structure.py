@@ -87,14 +87,24 @@ def input_modality(name: str, value: object) -> str | None:
     return IMAGE
 
 
+#: Ops that read a tensor's shape, not its values (an exported graph's dynamic sizes).
+SHAPE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+
+
 def dependencies(graph: torch.fx.Graph, user_inputs: dict[torch.fx.Node, str | None]) -> dict[torch.fx.Node, frozenset]:
-    """For every node, the modalities it is (transitively) computed from."""
+    """For every node, the modalities it is (transitively) computed from.
+
+    A tensor's size is not computed from its values: learned latents expanded to the image batch
+    (``latents.expand(pixels.shape[0], ...)``, a ``sym_size`` in an exported graph) read no pixels."""
     deps: dict[torch.fx.Node, frozenset] = {}
     empty: frozenset = frozenset()
     for node in graph.nodes:
         if node.op == "placeholder":
             kind = user_inputs.get(node)
             deps[node] = frozenset([kind]) if kind else empty
+            continue
+        if node.op == "call_function" and node.target in SHAPE_OPS:
+            deps[node] = empty
             continue
         acc: set = set()
         for inp in node.all_input_nodes:

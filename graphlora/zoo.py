@@ -46,6 +46,8 @@ __all__ = [
 VOCAB = 256
 HIDDEN = 32
 ATTN = "sdpa"
+#: Families whose transformers classes refuse sdpa (GOT-OCR2: ``_supports_sdpa = False``): eager attention.
+EAGER_ONLY = {"got_ocr2"}
 
 
 def _text(**overrides) -> dict:
@@ -170,6 +172,55 @@ def _idefics3():
 
 def _smolvlm():
     return _idefics3_like(transformers.SmolVLMConfig, transformers.SmolVLMVisionConfig)
+
+
+def _idefics2():
+    return transformers.Idefics2Config(
+        vision_config=transformers.Idefics2VisionConfig(**_vision()),
+        perceiver_config=transformers.Idefics2PerceiverConfig(
+            hidden_size=HIDDEN,  # the text width: the resampler runs after modality_projection
+            resampler_n_latents=4,  # = the processor's image_seq_len (64 released)
+            resampler_depth=2,
+            resampler_n_heads=4,
+            resampler_head_dim=8,
+            num_key_value_heads=2,
+        ),
+        text_config=transformers.MistralConfig(**_text(head_dim=8)),
+        image_token_id=255,  # <image>; <fake_token_around_image> is the id below it, as released
+        fake_image_token_id=254,  # processor token (not a transformers config field)
+    )
+
+
+def _got_ocr2():
+    return transformers.GotOcr2Config(
+        vision_config=transformers.GotOcr2VisionConfig(
+            **{k: v for k, v in _vision(image_size=32).items() if k != "intermediate_size"},  # the MLP is mlp_dim
+            mlp_dim=64,  # 8x8 patches; the projector's two stride-2 convs -> 2x2 = 4 tokens
+            output_channels=HIDDEN,  # the neck's width
+            window_size=4,  # 2x2 windows of 4x4 patches
+            global_attn_indexes=[1],  # layer 0 windowed, layer 1 global
+        ),
+        text_config=transformers.Qwen2Config(**_text()),
+        image_token_index=255,  # <imgpad>; <img>=253, </img>=254 as in the released tokenizer
+        image_seq_length=4,
+        img_start_token_id=253,  # processor tokens (not transformers config fields)
+        img_end_token_id=254,
+    )
+
+
+def _ovis2():
+    return transformers.Ovis2Config(
+        vision_config=transformers.Ovis2VisionConfig(
+            **_vision(),
+            vocab_size=64,  # the visual vocabulary (16384 released); its last 5 rows embed the indicators
+            hidden_stride=2,  # as released: 2x2 patches per visual token -> 4 tokens per image
+        ),
+        text_config=transformers.Qwen2Config(**_text()),
+        hidden_size=HIDDEN,  # the visual embedding table's width (= the text's)
+        vocab_size=VOCAB,
+        image_token_id=255,  # <IMG_ATOM>
+        visual_indicator_token_ids=[250, 251, 252, 253, 254],  # <IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>
+    )
 
 
 def _mllama():
@@ -498,6 +549,9 @@ _ZOO: dict[str, tuple[str, Callable[[], object]]] = {
     "gemma3": ("Gemma3ForConditionalGeneration", _gemma3),
     "idefics3": ("Idefics3ForConditionalGeneration", _idefics3),
     "smolvlm": ("SmolVLMForConditionalGeneration", _smolvlm),
+    "idefics2": ("Idefics2ForConditionalGeneration", _idefics2),
+    "got_ocr2": ("GotOcr2ForConditionalGeneration", _got_ocr2),
+    "ovis2": ("Ovis2ForConditionalGeneration", _ovis2),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", _qwen2_vl),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", _qwen3_vl),
@@ -625,12 +679,12 @@ def deepen_config(config, layers: int) -> None:
 
 
 def build_tiny_config(name: str, *, layers: int | None = None):
-    """The transformers config of a tiny model (fresh object; sdpa attention); ``layers``: layers per
+    """The transformers config of a tiny model (fresh object; sdpa attention, eager for EAGER_ONLY); ``layers``: layers per
     tower instead of the default 2 (see :func:`deepen_config`)."""
     config = _entry(name)[1]()
     if layers is not None:
         deepen_config(config, layers)
-    config._attn_implementation = ATTN
+    config._attn_implementation = "eager" if name in EAGER_ONLY else ATTN
     _set_init_std(config, TINY_INIT_STD)
     return config
 

@@ -15,6 +15,8 @@ Rules (graphlora/structure.py has the analyses):
   ``other``); ``layer`` = the block's position in its tower's execution order (Mllama's local then global vision stacks: one sequence);
 * inside a language block, a projection that reads pixels but not tokens is a cross-attention key or
   value: every matmul of the attention module that holds it is ``cross_attention``;
+* a pixel-only block list whose attention queries read no input (learned latents) while its keys read pixels is a
+  resampler (Idefics2's perceiver): ``projector``, with the attention and MLP roles of its blocks, no layer;
 * pixel-only matmuls outside blocks are ``projector`` when they reach the text stream without feeding a
   vision block (between the encoder and the merge), ``vision`` otherwise (patch embeddings before the
   blocks; a pooling head whose result never meets the text); a matmul that reads no modality is ``vision``
@@ -42,6 +44,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from graphlora import structure
 from graphlora.labels import Component, NodeLabels, Role, set_labels
 from graphlora.name_rules import module_stack
+
+
+_RESAMPLER = "resampler"  # list kind of a learned-query resampler's blocks (besides the modalities)
 
 
 class LabelByStructurePass(PassBase):
@@ -84,6 +89,14 @@ class LabelByStructurePass(PassBase):
                 elif structure.AUDIO in d and current is None:
                     list_kind[blk[0]] = structure.AUDIO
 
+        # A learned-query resampler (Idefics2's perceiver): a pixel-only block list whose attention queries are computed
+        # from no input (a learned parameter) while its keys read the pixels. It compresses the vision features into a
+        # fixed number of text-width tokens: a connector, labelled projector with its block roles, not a vision tower.
+        resamplers = {blk[0] for core in cores if (blk := structure.block_of(core.out, self.stack_prefix))
+                      and list_kind.get(blk[0]) == structure.IMAGE and not deps[core.q] and structure.IMAGE in deps[core.k]}
+        for name in resamplers:
+            list_kind[name] = _RESAMPLER
+
         vision_block_matmuls = [m.node for m in matmuls
                                 if blocks[m.node] and list_kind.get(blocks[m.node][0]) == structure.IMAGE]
         before_vision = structure.ancestors(vision_block_matmuls)
@@ -121,6 +134,8 @@ class LabelByStructurePass(PassBase):
                     comp = Component.CROSS_ATTENTION
             elif blk and kind == structure.IMAGE:
                 comp = Component.VISION
+            elif blk and kind == _RESAMPLER:
+                comp = Component.PROJECTOR
             elif m.node in heads and structure.TEXT in d:
                 comp = Component.HEAD
             elif structure.TEXT in d:
@@ -180,7 +195,8 @@ class LabelByStructurePass(PassBase):
             tower = {Component.VISION: "vision", Component.LANGUAGE: "language",
                      Component.CROSS_ATTENTION: "language"}.get(comp)
             layer = order[tower].get(blk[1]) if (tower and blk) else None
-            in_block = blk is not None and comp in (Component.VISION, Component.LANGUAGE, Component.CROSS_ATTENTION)
+            in_block = blk is not None and comp in (Component.VISION, Component.LANGUAGE, Component.CROSS_ATTENTION,
+                                                    Component.PROJECTOR)
             role = Role(roles[m.node]) if in_block and m.node in roles else Role(loose_roles.get(m.node, Role.OTHER))
             comp, role = _packed_labels(m, comp, role, matmuls, components, all_roles)
             set_labels(m.node, NodeLabels(comp, role, layer, m.site, m.kind, m.weight))

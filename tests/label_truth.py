@@ -113,6 +113,32 @@ EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
                            lm="model.text_model.layers"),
     "smolvlm": llava_like("model.vision_model.encoder.layers", CLIP, ["model.connector.modality_projection.proj"],
                           lm="model.text_model.layers"),
+    # Idefics2: SigLIP-like tower; the connector is modality_projection (a SwiGLU MLP to the text width, outside any
+    # block: role other) then a perceiver resampler whose learned latents (queries) attend to [projected patches;
+    # latents] (keys/values): its layers are attention + SwiGLU blocks, but they compress the image for the text
+    # and feed no vision block: the projector, with their attention/MLP roles and no layer. Mistral text.
+    "idefics2": {
+        **tower("model.vision_model.encoder.layers", "{0,1}", V, CLIP),
+        **single(P, "other", "model.connector.modality_projection.{gate,up,down}_proj"),
+        **tower("model.connector.perceiver_resampler.layers", "{0,1}", P, LLAMA),
+        **tower("model.text_model.layers", "{0,1}", L, LLAMA),
+        **single(H, "other", "lm_head"),
+    },
+    # GOT-OCR2: SAM ViT layers with one fused qkv linear (reshaped, unbound into q/k/v, eager q k^T (+ decomposed
+    # rel-pos) softmax v) and proj on its output; lin1 -> GELU -> lin2. The neck and the projector's two stride-2
+    # convolutions are Conv2d (no matmul); the relative-position einsums read interpolated, indexed parameters
+    # (no weight). multimodal_projector is the one projector linear. Qwen2 text; lm_head tied to the embedding.
+    "got_ocr2": llava_like("model.vision_tower.layers",
+                           {**pairs("attn.{qkv,proj}", "attn.{qkv,o}"), **pairs("mlp.lin{1,2}", "mlp.{up,down}")},
+                           ["model.multi_modal_projector.multimodal_projector"]),
+    # Ovis2: AIMv2-like tower (q/k/v/out_proj, SwiGLU ffn). head_linear gives logits over a visual vocabulary (then
+    # LayerNorm, softmax: soft visual tokens) and the visual embedding table's matmul turns them into text
+    # embeddings: two pixel-only matmuls outside the blocks between the tower and the text: the projector (like
+    # Qwen2-VL's merger, although head_linear sits in the vision model). Qwen2 text; lm_head tied.
+    "ovis2": llava_like("model.vision_tower.transformer.encoder.layers",
+                        {**pairs("attention.{q,k,v,out}_proj", "attn.{q,k,v,o}"),
+                         **pairs("ffn.{gate,up,down}_proj", "mlp.{gate,up,down}")},
+                        ["model.vision_tower.head_linear", "model.visual_embeddings_table.weight"]),
     # Qwen2-VL: the merger (LayerNorm, mlp.0, GELU, mlp.2) sits inside the vision tower but is the projector.
     "qwen2_vl": llava_like("model.visual.blocks", {**QWEN_VIT_ATTN, **pairs("mlp.fc{1,2}", "mlp.{up,down}")},
                            ["model.visual.merger.mlp.{0,2}"]),

@@ -29,6 +29,7 @@ IMAGE_SIZES = {
     "smolvlm": [(32, 32), (16, 32), (48, 32)], "mllama": [(32, 32), (16, 32), (32, 16)],
     "llama4": [(32, 32), (16, 32), (32, 16)], "phi4_multimodal": [(32, 32), (16, 32), (32, 16)],
     "llava_onevision": [(16, 32), (32, 32), (32, 16)], "cohere2_vision": [(32, 32), (16, 32), (48, 32)],
+    "idefics2": [(16, 12), (8, 16), (12, 12)],  # native aspect ratio, padded to the batch's largest image
 }
 SHAPES = [dict(batch_size=2, text_len=8), dict(batch_size=1, text_len=5), dict(batch_size=3, text_len=12, pad_tokens=3),
           dict(batch_size=2, text_len=20, pad_tokens=1), dict(batch_size=1, text_len=9), dict(batch_size=3, text_len=6)]

@@ -45,6 +45,7 @@ PINNED = {
     "glm4v_moe": {"text_heads"},  # the same
     "qwen2_vl": {"text_heads"},  # its text attention ignores head_dim (hidden / heads) while its rope reads it
     "qwen2_5_vl": {"text_heads"},  # the same
+    "got_ocr2": {"attn"},  # transformers refuses sdpa for GOT-OCR2 (_supports_sdpa = False): eager only
 }
 
 
@@ -90,7 +91,7 @@ def variant_config(family: str, v: dict):
             vision.patch_size, vision.image_size = patch, image
             setattr(config, FREE_PATCH[family], (image // patch) ** 2)
     for cfg in (config, text, vision):
-        if cfg is not None:
+        if cfg is not None and "attn" not in pinned:
             cfg._attn_implementation = v["attn"]
     return config
 

@@ -55,6 +55,14 @@ LAYERS: dict[str, dict[str, int | None]] = {
     "idefics3": {"model.vision_model.encoder.layers.1.self_attn.v_proj": 1, "model.connector.modality_projection.proj": None,
                  "model.text_model.layers.1.mlp.gate_proj": 1},
     "smolvlm": {"model.vision_model.encoder.layers.0.self_attn.k_proj": 0, "model.text_model.layers.0.self_attn.o_proj": 0},
+    # Idefics2: the perceiver's layers are the projector's, outside the towers' numbering.
+    "idefics2": {"model.vision_model.encoder.layers.1.mlp.fc1": 1, "model.connector.modality_projection.down_proj": None,
+                 "model.connector.perceiver_resampler.layers.1.self_attn.q_proj": None,
+                 "model.text_model.layers.1.self_attn.k_proj": 1},
+    "got_ocr2": {"model.vision_tower.layers.1.attn.qkv": 1, "model.multi_modal_projector.multimodal_projector": None,
+                 f"{LM}.0.mlp.up_proj": 0, "lm_head": None},
+    "ovis2": {"model.vision_tower.transformer.encoder.layers.1.ffn.gate_proj": 1, "model.vision_tower.head_linear": None,
+              "model.visual_embeddings_table.weight": None, f"{LM}.1.self_attn.v_proj": 1},
     "qwen2_vl": {"model.visual.blocks.1.attn.qkv": 1, "model.visual.merger.mlp.0": None, f"{LM}.1.mlp.down_proj": 1},
     "qwen2_5_vl": {"model.visual.blocks.0.mlp.gate_proj": 0, "model.visual.blocks.1.attn.proj": 1,
                    "model.visual.merger.mlp.2": None, f"{LM}.0.self_attn.q_proj": 0},
@@ -240,6 +248,9 @@ PROJECTORS = {
     "idefics3": ["model.connector.modality_projection.proj"],
     "qwen2_vl": expand("model.visual.merger.mlp.{0,2}"),
     "gemma3": ["model.multi_modal_projector.mm_input_projection_weight"],
+    "idefics2": expand("model.connector.modality_projection.{gate,up,down}_proj",
+                       "model.connector.perceiver_resampler.layers.{0,1}.self_attn.{q,k,v,o}_proj",
+                       "model.connector.perceiver_resampler.layers.{0,1}.mlp.{gate,up,down}_proj"),
 }
 
 
@@ -280,3 +291,67 @@ def test_llava_dead_last_vision_layer():
     for s in lora_model.skipped_sites:
         assert s.layer == 1 and s.component == V
         assert "never reaches" in s.reason and "loss" in s.reason, s.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. a learned-query resampler between the tower and the text is the projector, not more vision layers
+# ---------------------------------------------------------------------------------------------
+def _perceiver_vlm():
+    """A tiny Idefics2 built here from transformers' configs: SigLIP-like tower, modality_projection (a SwiGLU MLP)
+    then a perceiver resampler whose learned latents attend to the projected patches, Mistral text."""
+    import torch
+    import transformers
+
+    config = transformers.Idefics2Config(
+        vision_config=transformers.Idefics2VisionConfig(**zoo._vision()),
+        perceiver_config=transformers.Idefics2PerceiverConfig(
+            hidden_size=32, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=4, resampler_head_dim=8,
+            num_key_value_heads=2),
+        text_config=transformers.MistralConfig(**zoo._text(head_dim=8)),
+        image_token_id=255)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.Idefics2ForConditionalGeneration(config)
+    zoo.revive_zero_parameters(model)
+    ids = torch.tensor([[5, 6, 254] + [255] * 4 + [254, 7, 8, 9]] * 2)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.masked_fill(ids >= 254, -100),
+                  pixel_values=torch.randn(2, 1, 3, 16, 16), pixel_attention_mask=torch.ones(2, 1, 16, 16, dtype=torch.long))
+    return model.eval(), inputs
+
+
+@pytest.mark.parametrize("trace_mode", ["blocks", "whole"])
+def test_perceiver_resampler_is_the_projector_with_its_block_roles(trace_mode):
+    """Also in the exported whole-model graph, where the latents are expanded to the image batch by a ``sym_size``
+    of the pixels: a size is not a value, the queries still read no input."""
+    model, inputs = _perceiver_vlm()
+    lora_model = graphlora.rewrite(model, _EVERYTHING, inputs, fuse=False, trace_mode=trace_mode)
+    got = {s.name: (s.component, s.role, s.layer) for s in [*lora_model.sites, *lora_model.skipped_sites]}
+    resampler = "model.connector.perceiver_resampler.layers"
+    for layer in (0, 1):
+        for name, role in {**dict(zip(expand("self_attn.{q,k,v,o}_proj"), expand("attn.{q,k,v,o}"))),
+                           **dict(zip(expand("mlp.{gate,up,down}_proj"), expand("mlp.{gate,up,down}")))}.items():
+            assert got[f"{resampler}.{layer}.{name}"] == (P, role, None), name
+    # what feeds the resampler is the projector too (it no longer feeds a "vision block")
+    for name in expand("model.connector.modality_projection.{gate,up,down}_proj"):
+        assert got[name] == (P, "other", None), name
+    assert {layer for comp, _, layer in got.values() if comp == V} == {0, 1}  # the tower alone
+    assert lora_model.label_check["disagreements"] == []  # the name rules give the resampler's roles too
+
+
+def test_name_rules_call_ovis2s_visual_tokenizer_head_and_embedding_table_the_projector():
+    """Ovis2 maps the tower's features to text embeddings in two matmuls outside the blocks: ``head_linear`` (logits over a
+    visual vocabulary, softmax) and the visual embedding table (their expected embedding). The structure labels both
+    projector; the names must agree, or ``finetune_projector`` meets a disagreement that changes the selection."""
+    from graphlora.labels import Component
+    from graphlora.name_rules import StackEntry, component_by_name
+
+    model = StackEntry("model", "Ovis2Model")
+    tower = StackEntry("model.vision_tower", "Ovis2VisionModel")
+    head = [model, tower, StackEntry("model.vision_tower.head_linear", "Linear")]
+    table = [model, StackEntry("model.visual_embeddings_table", "Ovis2VisualEmbeddingTable"),
+             StackEntry("model.visual_embeddings_table.weight", "Parameter")]
+    block = [model, tower, StackEntry("model.vision_tower.transformer.encoder.layers.0.ffn.up_proj", "Linear")]
+    assert component_by_name(head, frozenset()) == Component.PROJECTOR
+    assert component_by_name(table, frozenset()) == Component.PROJECTOR
+    assert component_by_name(block, frozenset()) == Component.VISION

@@ -29,6 +29,9 @@ PARTS = {
     "gemma3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "idefics3": ("model.vision_model", "model.connector", "model.text_model"),
     "smolvlm": ("model.vision_model", "model.connector", "model.text_model"),
+    "idefics2": ("model.vision_model", "model.connector", "model.text_model"),
+    "got_ocr2": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "ovis2": ("model.vision_tower.transformer", "model.visual_embeddings_table", "model.language_model"),
     "qwen2_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
     "qwen2_5_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
     "qwen3_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model"),
@@ -222,8 +225,8 @@ def test_dtype_and_meta_device(name, models):
     assert on_meta["input_ids"].device.type == "meta"
 
 
-@pytest.mark.parametrize("name", ["llava", "idefics3", "gemma3", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                                  "lfm2_vl"])
+@pytest.mark.parametrize("name", ["llava", "idefics3", "gemma3", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "lfm2_vl",
+                                  "idefics2", "got_ocr2", "ovis2"])
 def test_two_images_per_sample(name, models):
     model = models(name)
     inputs = zoo.tiny_example_inputs(name, model, images_per_sample=2)
@@ -256,3 +259,17 @@ def test_lfm2_vl_images_of_different_sizes_pad_their_patches(models):
     assert int((inputs["input_ids"] == image_token_id(model.config)).sum()) == 2 * (4 + 8)
     out = model(**inputs, use_cache=False)
     assert torch.isfinite(out.loss)
+
+
+def test_idefics2_layout_adjacent_images_and_padding(models):
+    """Idefics2Processor: <fake> <image>*n <fake> per image, one <fake> between adjacent images; images of different
+    sizes are padded bottom/right to the largest, pixel_attention_mask marks the real pixels."""
+    model = models("idefics2")
+    inputs = zoo.tiny_example_inputs("idefics2", model, batch_size=1, text_len=1, image_size=[(16, 8), (8, 16)])
+    fake, image = model.config.fake_image_token_id, model.config.image_token_id
+    n = model.config.perceiver_config.resampler_n_latents
+    assert inputs["input_ids"][0, : 3 + 2 * n].tolist() == [fake] + [image] * n + [fake] + [image] * n + [fake]
+    assert inputs["pixel_values"].shape == (1, 2, 3, 16, 16)
+    mask = inputs["pixel_attention_mask"][0]
+    assert mask[0, :, :8].all() and not mask[0, :, 8:].any() and mask[1, :8].all() and not mask[1, 8:].any()
+    assert torch.isfinite(model(**inputs, use_cache=False).loss)

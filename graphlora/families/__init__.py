@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import aya_vision, gemma3, glm4v, idefics3, internvl, llama4, llava, mistral3, mllama, paligemma
-from . import cohere2_vision, deepseek_vl, janus, lfm2_vl, llava_onevision, phi4_multimodal, qwen_vl
+from . import aya_vision, cohere2_vision, deepseek_vl, gemma3, glm4v, got_ocr2, idefics2, idefics3, internvl, janus
+from . import lfm2_vl, llama4, llava, llava_onevision, mistral3, mllama, ovis2, paligemma, phi4_multimodal, qwen_vl
 from ._common import IGNORE_INDEX, InputRequest, as_size
 from ._packed_vision import install_block_diagonal_vision_attention
 
@@ -98,6 +98,9 @@ _RECIPES: dict[str, FamilyRecipe] = {
         FamilyRecipe("gemma3", gemma3.gemma3_inputs),
         FamilyRecipe("idefics3", idefics3.idefics3_inputs),
         FamilyRecipe("smolvlm", idefics3.idefics3_inputs),
+        FamilyRecipe("idefics2", idefics2.idefics2_inputs),
+        FamilyRecipe("got_ocr2", got_ocr2.got_ocr2_inputs),
+        FamilyRecipe("ovis2", ovis2.ovis2_inputs),
         FamilyRecipe("qwen2_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen2_vl_prologue, prepare=_packed),
         FamilyRecipe("qwen2_5_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen2_5_vl_prologue, prepare=_packed),
         FamilyRecipe("qwen3_vl", qwen_vl.qwen_vl_inputs, prologue=qwen_vl.qwen3_vl_prologue, prepare=_packed),
