@@ -49,8 +49,9 @@ def llava_inputs(config, req: InputRequest) -> dict:
     return out
 
 
-def llava_next_layout(config, size: tuple[int, int]) -> tuple[int, int]:
-    """(number of tiles incl. the base image, number of image tokens) for one original image size."""
+def anyres_grid(config, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(tiles without the base image, patches per tile side, unpadded feature-grid height, width) of one original
+    image size under "anyres" tiling (LLaVA-NeXT, LLaVA-OneVision: select_best_resolution, then unpad_image)."""
     tile = cfg_size(config.vision_config.image_size)
     side = tile // cfg_size(config.vision_config.patch_size)
     best_h, best_w = select_best_resolution(list(size), config.image_grid_pinpoints)
@@ -64,8 +65,14 @@ def llava_next_layout(config, size: tuple[int, int]) -> tuple[int, int]:
     else:
         new_w = int(round(orig_w * (cur_h / orig_h), 7))
         cur_w -= 2 * ((cur_w - new_w) // 2)
+    return rows * cols, side, cur_h, cur_w
+
+
+def llava_next_layout(config, size: tuple[int, int]) -> tuple[int, int]:
+    """(number of tiles incl. the base image, number of image tokens) for one original image size."""
+    tiles, side, cur_h, cur_w = anyres_grid(config, size)
     n_tokens = _features_per_tile(config, side) + cur_h * cur_w + cur_h  # base + grid + newlines
-    return rows * cols + 1, n_tokens
+    return tiles + 1, n_tokens
 
 
 def llava_next_inputs(config, req: InputRequest) -> dict:

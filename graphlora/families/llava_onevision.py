@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.image_processing_utils import select_best_resolution
 
 from ._common import InputRequest, TokenPool, cfg_size, collate, interleaved_samples
+from .llava import anyres_grid
 from .pixtral import static_image_sizes
 
 
@@ -31,23 +31,12 @@ def _max_tiles(config) -> int:
 
 def llava_onevision_layout(config, size: tuple[int, int]) -> tuple[int, int]:
     """(number of tiles incl. the base image, number of image tokens) for one single-image sample."""
-    tile = cfg_size(config.vision_config.image_size)
-    side = tile // cfg_size(config.vision_config.patch_size)
-    best_h, best_w = select_best_resolution(list(size), config.image_grid_pinpoints)
-    rows, cols = best_h // tile, best_w // tile
-    orig_h, orig_w = size
-    cur_h, cur_w = rows * side, cols * side
-    if orig_w / orig_h > cur_w / cur_h:
-        new_h = int(round(orig_h * (cur_w / orig_w), 7))
-        cur_h -= 2 * ((cur_h - new_h) // 2)
-    else:
-        new_w = int(round(orig_w * (cur_h / orig_h), 7))
-        cur_w -= 2 * ((cur_w - new_w) // 2)
+    tiles, side, cur_h, cur_w = anyres_grid(config, size)
     ratio = math.sqrt(cur_h * cur_w / (_max_tiles(config) * side**2))
     if ratio > 1.1:
         cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
     n_tokens = side * side + cur_h * cur_w + cur_h  # base + grid + newlines
-    return rows * cols + 1, _select(config, n_tokens)
+    return tiles + 1, _select(config, n_tokens)
 
 
 def _select(config, n_tokens: int) -> int:
