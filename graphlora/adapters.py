@@ -341,15 +341,22 @@ def adapter_config(lora_model: "GraphLoraModel", task_type: str | None = "auto")
     transformers-v4 MoE conversion takes dense ``gate_proj``/``up_proj`` linears for experts), the linears it
     would take are written as target parameters (``<path>.weight``), which the conversion leaves alone, if that
     makes the config load as written; otherwise it is written as is (``save_adapter`` then warns)."""
+    return _peft_safe_adapter_config(lora_model, task_type)[0]
+
+
+def _peft_safe_adapter_config(lora_model: "GraphLoraModel", task_type: str | None
+                              ) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """:func:`adapter_config` and what the installed PEFT would still rewrite in it (empty: it loads as written)."""
     config = _adapter_config(lora_model, task_type, frozenset())
     changes = peft_load_rewrites(config, lora_model.base_model)
     if not changes or "target_modules" not in changes or config["lora_dropout"]:
-        return config  # (PEFT's ParamWrapper refuses dropout)
+        return config, changes  # (PEFT's ParamWrapper refuses dropout)
     written, used = changes["target_modules"]
     linear = {s.name for s in lora_model.sites if s.kind == "linear"}
     taken = linear if isinstance(written, str) else linear & (set(written) - set(used or ()))
     retry = _adapter_config(lora_model, task_type, frozenset(taken))
-    return retry if not peft_load_rewrites(retry, lora_model.base_model) else config
+    retry_changes = peft_load_rewrites(retry, lora_model.base_model)
+    return (retry, retry_changes) if not retry_changes else (config, changes)
 
 
 def _adapter_config(lora_model: "GraphLoraModel", task_type: str | None, as_parameters: frozenset[str]) -> dict[str, Any]:
@@ -464,8 +471,7 @@ def _comparable(value: Any) -> Any:
     return value or None
 
 
-def _warn_if_peft_rewrites(config: dict[str, Any], model: torch.nn.Module) -> None:
-    changes = peft_load_rewrites(config, model)
+def _warn_if_peft_rewrites(changes: dict[str, tuple[Any, Any]], model: torch.nn.Module) -> None:
     if not changes:
         return
     import peft
@@ -497,8 +503,8 @@ def save_adapter(lora_model: "GraphLoraModel", directory: str | os.PathLike, ove
     if existing and not overwrite:
         raise AdapterExistsError(f"{directory} already holds {', '.join(existing)}; pass overwrite=True to replace "
                                  "the adapter")
-    config = adapter_config(lora_model, task_type)
-    _warn_if_peft_rewrites(config, lora_model.base_model)
+    config, peft_changes = _peft_safe_adapter_config(lora_model, task_type)
+    _warn_if_peft_rewrites(peft_changes, lora_model.base_model)
     tensors = adapter_tensors(lora_model)
     policy_text = dump_policy(lora_model.policy, "yaml")
     config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
