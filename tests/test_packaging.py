@@ -9,16 +9,36 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_every_subpackage_is_installed():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "graphlora").rglob("__init__.py")}
-    found.add("graphlora.passes")
-    assert found <= listed, f"add to pyproject's packages: {sorted(found - listed)}"
-    assert config["package-dir"]["graphlora.passes"] == "passes"
+    assert "package-dir" not in config, "no package remap: every package lies where it is imported from"
+    assert config["packages"]["find"]["include"] == ["graphlora*"]
 
 
-def test_passes_import_as_graphlora_passes_only():
+def test_passes_are_a_plain_subpackage():
     import graphlora.passes
 
-    assert pathlib.Path(graphlora.passes.__file__).parent == ROOT / "passes"
+    assert pathlib.Path(graphlora.passes.__file__).parent == ROOT / "graphlora" / "passes"
+    assert (ROOT / "passes").resolve() == ROOT / "graphlora" / "passes"  # the layout's passes/ is a link
+
+
+def test_a_plain_checkout_imports_without_an_install(tmp_path):
+    """A copy of the source tree on sys.path imports whole, from itself alone: no module (the passes
+    included) comes from the editable install of another tree."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "graphlora", tmp_path / "graphlora", ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import graphlora.model, graphlora.passes.insert_lora_branches_pass as p\n"
+        "import pathlib\n"
+        "root = pathlib.Path(sys.argv[1]).resolve()\n"
+        "for m in (graphlora.model, p):\n"
+        "    assert root in pathlib.Path(m.__file__).resolve().parents, m.__file__\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_public_names_survive_importing_every_submodule():
@@ -51,9 +71,6 @@ def _import_graph() -> "dict[str, set[str]]":
     for path in (ROOT / "graphlora").rglob("*.py"):
         parts = path.relative_to(ROOT).with_suffix("").parts
         sources[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    for path in (ROOT / "passes").glob("*.py"):
-        name = "graphlora.passes" if path.stem == "__init__" else f"graphlora.passes.{path.stem}"
-        sources[name] = path
 
     def resolve(name: str) -> str | None:
         while name and name not in sources:
