@@ -41,6 +41,7 @@ from graphlora.adapters import (
     shorten,
 )
 from graphlora.errors import GraphLoraError
+from graphlora.labels import SkipCause
 from graphlora.lora import LORA_DTYPES
 from graphlora.model import GraphLoraModel
 from graphlora.policy import Policy
@@ -273,7 +274,7 @@ def _check_sites(lora_model: "GraphLoraModel", plan: _Plan, tensors: dict[str, t
         if site is None:
             if e.name in skipped:
                 reason = skipped[e.name].reason
-                if "never reaches" in reason and not tensors[e.key_b].any():
+                if skipped[e.name].cause == SkipCause.UNREACHABLE and not tensors[e.key_b].any():
                     dropped.append(e.name)  # no effect on any output, and B = 0: dropping it is exact
                     continue
                 raise AdapterError(f"{path}: the adapter has LoRA for {e.name}, which graphlora cannot adapt: {reason}")

@@ -40,7 +40,10 @@ import torch
 import torch.fx
 
 from graphlora.errors import GraphLoraError
-from graphlora.labels import COMPONENTS, ROLES
+from graphlora.labels import (COMPONENTS, FUSED_STEP, LORA_STEPS, ROLES, TOWER_OF_COMPONENT, MatmulKind, NodeLabels,
+                              PlaceholderKind, get_base_node, get_decision, get_fusion_group, get_labels, get_site_step,
+                              graph_meta, has_metadata, node_metadata)
+from graphlora.name_rules import WRAPPER_ATTR, WRAPPER_PREFIX
 from graphlora.pipeline import EXPORT_STAGE, RECORD_STAGE, STAGES
 
 __all__ = [
@@ -60,15 +63,9 @@ FORMATS: tuple[str, ...] = ("text", "dot", "json", "html")
 #: Keys ``--only`` filters on.
 FILTER_KEYS: tuple[str, ...] = ("component", "role", "layer", "module")
 META_NOTE = "verification against eager skipped on the meta device"
-#: The export wrapper's attribute (graphlora.trace._WRAPPED): module paths in nn_module_stack start with it.
-_WRAPPER_PREFIX = "m."
-#: Tower whose layer numbering a component's layer refers to (graphlora.labels.TOWER_OF_COMPONENT).
-_TOWERS = {"vision": "vision", "language": "language", "cross_attention": "language"}
-#: Node-meta keys rendered specifically; other ``graphlora.*`` keys are shown generically.
-_KNOWN_KEYS = frozenset({
-    "graphlora.component", "graphlora.role", "graphlora.layer", "graphlora.module", "graphlora.kind",
-    "graphlora.weight", "graphlora.decision", "graphlora.site", "graphlora.lora_step", "graphlora.base_node",
-})
+#: Node-meta fields rendered specifically; other graphlora fields are shown generically.
+_RENDERED_FIELDS = frozenset({"component", "role", "layer", "module", "kind", "weight", "decision", "site", "lora_step",
+                              "base_node"})
 #: The file that lists what the previous dump into a directory wrote (removed before a new dump).
 _MANIFEST = ".graphlora-dump-files"
 
@@ -299,58 +296,54 @@ def _fusion_note(entry: Mapping[str, Any] | None) -> str | None:
 
 
 def _node_notes(node: torch.fx.Node, fusion: Mapping[str, Any]) -> tuple[str, ...]:
-    custom = node.meta.get("custom") or {}
-    if not any(isinstance(k, str) and k.startswith("graphlora.") for k in custom):
+    if not has_metadata(node):
         return ()
     notes = []
-    if "graphlora.component" in custom:
-        layer = custom.get("graphlora.layer")
-        kind = custom.get("graphlora.kind", "linear")
-        text = (f"graphlora: {custom['graphlora.component']} {custom.get('graphlora.role')} "
-                f"layer={'-' if layer is None else layer} module={custom.get('graphlora.module')}")
-        if kind and kind != "linear":
-            text += f" kind={kind} weight={custom.get('graphlora.weight')}"
+    labels = get_labels(node)
+    if labels is not None:
+        layer = labels.layer
+        text = (f"graphlora: {labels.component} {labels.role} "
+                f"layer={'-' if layer is None else layer} module={labels.module}")
+        if labels.kind != MatmulKind.LINEAR:
+            text += f" kind={labels.kind} weight={labels.weight}"
         notes.append(text)
-    decision = custom.get("graphlora.decision")
-    if isinstance(decision, Mapping):
-        notes.append("graphlora: decision " + _fmt_decision(decision))
-    step = custom.get("graphlora.lora_step")
-    site = custom.get("graphlora.site")
+    decision = get_decision(node)
+    if decision is not None:
+        notes.append("graphlora: decision " + _fmt_decision(dataclasses.asdict(decision)))
+    site_step = get_site_step(node)
+    site, step = site_step if site_step is not None else (None, None)
     if step is not None:
         text = f"graphlora: lora_step={step} site={site}"
-        if step != "base" and custom.get("graphlora.base_node"):
-            text += f" base={custom['graphlora.base_node']}"
+        if step != LORA_STEPS[0] and get_base_node(node):
+            text += f" base={get_base_node(node)}"
         notes.append(text)
-    if step in ("base", "fused") and site in fusion:
+    if step in (LORA_STEPS[0], FUSED_STEP) and site in fusion:
         notes.append("graphlora: fusion " + _fusion_note(fusion[site]))
-    for key, value in custom.items():
-        if isinstance(key, str) and key.startswith("graphlora.") and key not in _KNOWN_KEYS:
-            notes.append(f"graphlora: {key.removeprefix('graphlora.')}={value!r}")
+    for field, value in node_metadata(node).items():
+        if field not in _RENDERED_FIELDS:
+            notes.append(f"graphlora: {field}={value!r}")
     return tuple(notes)
 
 
 def _snapshot(gm: torch.fx.GraphModule) -> list[_NodeText]:
-    fusion = gm.meta.get("graphlora.fusion") or {}
-    placeholders = gm.meta.get("graphlora.placeholders") or {}
+    fusion = graph_meta(gm).fusion
+    placeholders = graph_meta(gm).placeholders
     out = []
     for node in gm.graph.nodes:
         code = _node_code(node)
         notes = _node_notes(node, fusion)
         if node.op == "placeholder":
             source = placeholders.get(node.name)
-            if isinstance(source, (list, tuple)) and len(source) == 2 and source[0] != "user":
+            if source is not None and source[0] != PlaceholderKind.USER:
                 code += f",  # {source[0]} {source[1]}"
             else:
                 code += ","
-        custom = node.meta.get("custom") or {}
-        labels = None
-        if "graphlora.component" in custom:
-            labels = (str(custom["graphlora.component"]), str(custom.get("graphlora.role")),
-                      custom.get("graphlora.layer"), str(custom.get("graphlora.module")))
-        group = custom.get("graphlora.group")
-        group = tuple(str(g) for g in group) if isinstance(group, (list, tuple)) else ()
-        site = custom.get("graphlora.site")
-        out.append(_NodeText(node.name, node.op, code, notes, labels, None if site is None else str(site), group))
+        found = get_labels(node)
+        labels = None if found is None else (str(found.component), str(found.role), found.layer, found.module)
+        group = tuple(get_fusion_group(node) or ())
+        site_step = get_site_step(node)
+        site = None if site_step is None else site_step[0]
+        out.append(_NodeText(node.name, node.op, code, notes, labels, site, group))
     return out
 
 
@@ -462,13 +455,11 @@ def _group_name(component: str, layer: int | None) -> str:
     return component if layer is None else f"{component}/{layer}"
 
 
-def _owner_module(custom: Mapping[str, Any]) -> str:
+def _owner_module(labels: NodeLabels) -> str:
     """The module path a labelled matmul lives in (a parameter path's owner for raw matmuls)."""
-    module = str(custom.get("graphlora.module") or "")
-    if custom.get("graphlora.kind", "linear") != "linear":
-        weight = str(custom.get("graphlora.weight") or module)
-        return weight.rpartition(".")[0]
-    return module
+    if labels.kind != MatmulKind.LINEAR:
+        return (labels.weight or labels.module).rpartition(".")[0]
+    return labels.module
 
 
 def _common_prefix(paths: Iterable[str]) -> str:
@@ -506,7 +497,7 @@ class _GraphFacts:
         self.traced = traced
         self.fusion: dict[str, Any] = {}
         for t in traced:
-            self.fusion.update(t.gm.meta.get("graphlora.fusion") or {})
+            self.fusion.update(graph_meta(t.gm).fusion)
         if str(getattr(lora_model, "trace_mode", "")) == "blocks":
             # The analysis graph has no LoRA branches: each site's fusion is its block program's (or its glue's).
             self.fusion.update(lora_model.fusion_report())
@@ -525,22 +516,22 @@ class _GraphFacts:
         for t in traced:
             for node in t.gm.graph.nodes:
                 index += 1
-                custom = node.meta.get("custom") or {}
-                if "graphlora.component" in custom:
+                labels = get_labels(node)
+                if labels is not None:
                     labelled.add(t.key + node.name)
-                    comp, layer = str(custom["graphlora.component"]), custom.get("graphlora.layer")
-                    module = str(custom.get("graphlora.module"))
-                    self.site_labels.setdefault(module, (comp, str(custom.get("graphlora.role")), layer))
+                    comp, layer = str(labels.component), labels.layer
+                    self.site_labels.setdefault(labels.module, (comp, str(labels.role), layer))
                     group = _group_name(comp, layer)
                     self.node_group[t.key + node.name] = group
-                    group_modules[group].add(_owner_module(custom))
+                    group_modules[group].add(_owner_module(labels))
                     if group not in self.group_order:
                         self.group_order[group] = index
                         if layer is not None:
-                            self.block_groups[(_TOWERS.get(comp, comp), layer)].append(group)
-                step = custom.get("graphlora.lora_step")
-                if step not in (None, "base") and custom.get("graphlora.base_node"):
-                    branches[t.key + str(custom["graphlora.base_node"])].append(t.key + node.name)
+                            tower = TOWER_OF_COMPONENT.get(labels.component, comp)
+                            self.block_groups[(tower, layer)].append(group)
+                site_step = get_site_step(node)
+                if site_step is not None and site_step[1] != LORA_STEPS[0] and get_base_node(node):
+                    branches[t.key + get_base_node(node)].append(t.key + node.name)
         for site in lora_model.sites:  # fused nodes may carry only their site name
             self.site_labels.setdefault(site.name, (site.component, site.role, site.layer))
         self.group_prefix = {g: _common_prefix(mods) for g, mods in group_modules.items()}
@@ -553,21 +544,19 @@ class _GraphFacts:
         self.rows: list[NodeRow] = []
         for t in traced:
             for node in t.gm.graph.nodes:
-                custom = node.meta.get("custom") or {}
-                step = custom.get("graphlora.lora_step")
-                site = custom.get("graphlora.site")
+                site, step = get_site_step(node) or (None, None)
                 name = t.key + node.name
                 if name in labelled:
-                    self.rows.append(self._matmul_row(name, node, custom, site_names, skipped, branches))
+                    self.rows.append(self._matmul_row(name, node, site_names, skipped, branches))
                 elif step is not None and site is not None:
                     comp, role, layer = self.site_labels.get(site, (None, None, None))
-                    base = custom.get("graphlora.base_node")
+                    base = get_base_node(node)
                     group = self.node_group.get(t.key + str(base)) if base else None
                     if group is None and comp is not None:
                         group = _group_name(comp, layer)
                     if group is not None:
                         self.node_group[name] = group
-                    kind = "fused" if step == "fused" else "lora"
+                    kind = "fused" if step == FUSED_STEP else "lora"
                     self.rows.append(NodeRow(
                         name, kind, _target_str(node.target).removeprefix("torch.ops."),
                         _type_str(node.meta.get("val")), comp, role, layer, site, group,
@@ -576,11 +565,12 @@ class _GraphFacts:
                         (_fusion_note(self.fusion.get(site)) or "") if kind == "fused" else "", [],
                     ))
 
-    def _matmul_row(self, name, node, custom, site_names, skipped, branches) -> NodeRow:
-        comp, role, layer = (str(custom["graphlora.component"]), str(custom.get("graphlora.role")),
-                             custom.get("graphlora.layer"))
-        module = str(custom.get("graphlora.module"))
-        decision = custom.get("graphlora.decision") or {}
+    def _matmul_row(self, name, node, site_names, skipped, branches) -> NodeRow:
+        labels = get_labels(node)
+        comp, role, layer, module = str(labels.component), str(labels.role), labels.layer, labels.module
+        found = get_decision(node)
+        decision = dataclasses.asdict(found) if found is not None else {}
+        site_step = get_site_step(node)
         if module in site_names and decision.get("targeted"):
             lora, reason = "yes", str(decision.get("reason", ""))
         elif module in skipped and (decision.get("targeted") or decision.get("skipped")):
@@ -590,7 +580,7 @@ class _GraphFacts:
         targeted = lora == "yes"
         return NodeRow(
             name, "matmul", _target_str(node.target).removeprefix("torch.ops."), _type_str(node.meta.get("val")),
-            comp, role, layer, module, _group_name(comp, layer), lora, custom.get("graphlora.lora_step"),
+            comp, role, layer, module, _group_name(comp, layer), lora, site_step[1] if site_step else None,
             decision.get("r") if targeted else None, decision.get("alpha") if targeted else None, reason,
             (_fusion_note(self.fusion.get(module)) or "") if targeted else "", list(branches.get(name, ())),
         )
@@ -605,9 +595,9 @@ def _stack_target(node: torch.fx.Node, prefixes: dict[str, Any], cache: dict[str
         return None
     for entry in reversed(list(stack.values())):
         fqn = entry[0] if isinstance(entry, (tuple, list)) else str(entry)
-        if fqn == _WRAPPER_PREFIX[:-1]:
+        if fqn == WRAPPER_ATTR:
             fqn = ""
-        fqn = fqn.removeprefix(_WRAPPER_PREFIX)
+        fqn = fqn.removeprefix(WRAPPER_PREFIX)
         if root:
             fqn = f"{root}.{fqn}" if fqn else root
         if fqn in cache:

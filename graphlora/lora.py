@@ -18,6 +18,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from graphlora.labels import SkipCause
+
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,13 +52,14 @@ class Site:
 
 @dataclasses.dataclass(frozen=True)
 class SkippedSite:
-    """A module the policy chose but that was not adapted, with the reason."""
+    """A module the policy chose but that was not adapted: why (``cause``) and the message (``reason``)."""
 
     name: str
     component: str
     role: str
     layer: int | None
     reason: str
+    cause: SkipCause = SkipCause.REFUSED
 
 
 def attach_lora(module: torch.nn.Module, in_features: int, out_features: int, r: int, lora_dtype: torch.dtype,

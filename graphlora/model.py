@@ -27,7 +27,7 @@ import torch
 
 from graphlora import families
 from graphlora.errors import GraphLoraError
-from graphlora.labels import Component
+from graphlora.labels import Component, graph_meta
 from graphlora.lora import AdapterSwitch, Site, SiteTable, SkippedSite, eager_lora_hooks
 from graphlora.pipeline import Pipeline
 from graphlora.planner import Planner, RegionInfo, TraceMode
@@ -490,20 +490,20 @@ def fusion_report(lora_model: "GraphLoraModel") -> dict[str, dict]:
     if lora_model.trace_mode == TraceMode.WHOLE:
         for key, program in reversed(runtime.whole.programs()):
             if key.variant == "lora":
-                return dict(program.graph_module.meta.get("graphlora.fusion", {}))
+                return dict(graph_meta(program.graph_module).fusion)
         return {}
     report: dict[str, dict] = {}
     for cache in runtime.region_caches.values():
         for key, program in cache.programs():
             if key.variant == "lora":
-                report.update(program.graph_module.meta.get("graphlora.fusion", {}))
+                report.update(graph_meta(program.graph_module).fusion)
     served: dict[str, dict] = {}
     for block_class in {id(c): c for c in runtime.block_class_of.values()}.values():
         cache = runtime.block_caches.get(block_class.name)
         programs = [p for k, p in cache.programs() if k.variant == "lora"] if cache is not None else []
         if not programs:
             continue
-        entries = programs[-1].graph_module.meta.get("graphlora.fusion", {})
+        entries = graph_meta(programs[-1].graph_module).fusion
         rep = block_class.representative + "."
         for path in block_class.instances:
             for site, entry in entries.items():

@@ -15,6 +15,12 @@ import re
 
 from graphlora.labels import Component, Role
 
+#: The attribute of the export wrapper that holds the user's model (graphlora.trace wraps it so that
+#: keyword inputs export): module paths in an exported whole model's nn_module_stack start with
+#: WRAPPER_PREFIX.
+WRAPPER_ATTR = "m"
+WRAPPER_PREFIX = WRAPPER_ATTR + "."
+
 # -- component keywords, matched against each path segment (attribute name) -----------------------
 _PROJECTOR_SEGMENT = re.compile(
     r"^(multi_modal_projector|mm_projector|connector|merger|projector|vision_projection|"

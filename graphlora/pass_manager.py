@@ -15,7 +15,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphlora.errors import GraphLoraError, PassError
-from graphlora.labels import LORA_STEPS, PARAM_STEP, get_labels, get_site_step
+from graphlora.labels import FUSED_STEP, LORA_STEPS, PARAM_STEP, get_base_node, get_labels, get_site_step
 
 
 def check_label_invariants(gm: torch.fx.GraphModule) -> None:
@@ -29,7 +29,7 @@ def check_label_invariants(gm: torch.fx.GraphModule) -> None:
         if site_step is not None:
             steps.setdefault(site_step[0] + "@" + _base_of(node), []).append(site_step[1])
     for site, found in steps.items():
-        if "fused" in found or PARAM_STEP in found:  # one fused node; a parameter's LoRA has no fixed branch shape
+        if FUSED_STEP in found or PARAM_STEP in found:  # one fused node; a parameter's LoRA has no fixed branch shape
             continue
         for step in LORA_STEPS:
             if found.count(step) != 1:
@@ -38,7 +38,7 @@ def check_label_invariants(gm: torch.fx.GraphModule) -> None:
 
 def _base_of(node: torch.fx.Node) -> str:
     """Group branch nodes by the base linear they hang off (one site may be called several times)."""
-    return str(node.meta.get("custom", {}).get("graphlora.base_node", ""))
+    return get_base_node(node)
 
 
 @dataclasses.dataclass

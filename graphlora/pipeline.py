@@ -100,7 +100,7 @@ class Pipeline:
 
     # -- the lists -----------------------------------------------------------------------------
     def analysis(self, root: torch.nn.Module, stack_prefix: str) -> list:
-        """Labels, decisions and the site plan of a whole-model graph (``stack_prefix``: "m." for an
+        """Labels, decisions and the site plan of a whole-model graph (``stack_prefix``: ``WRAPPER_PREFIX`` for an
         export through graphlora's wrapper, "" for an eager recording)."""
         classes = {path: type(m) for path, m in root.named_modules()}
         return [

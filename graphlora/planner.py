@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 
 from graphlora.blocks import BlockClass, block_candidates, block_containing, group_blocks, shape_key
 from graphlora.errors import ExportFailedError, GraphLoraError, LabelDisagreementWarning, TraceMismatchError
-from graphlora.labels import SiteDecision, get_decision, labelled_nodes
+from graphlora.labels import SiteDecision, SkipCause, get_decision, graph_meta, labelled_nodes
 from graphlora.lora import EXPERT_LAYOUTS, LORA_DTYPES, EagerLoraHook, GlueLoraForward, Site, SkippedSite, attach_lora, eager_lora_hooks
 from graphlora.passes.insert_lora_branches_pass import BranchSpec
 from graphlora.passes.plan_lora_sites_pass import SitePlan
@@ -122,8 +122,8 @@ def captures_below(module: torch.nn.Module) -> bool:
     return False
 
 
-def _skipped(labels, reason: str) -> SkippedSite:
-    return SkippedSite(labels.module, str(labels.component), str(labels.role), labels.layer, reason)
+def _skipped(labels, reason: str, cause: SkipCause) -> SkippedSite:
+    return SkippedSite(labels.module, str(labels.component), str(labels.role), labels.layer, reason, cause)
 
 
 def _warn_disagreements(label_check: dict) -> None:
@@ -179,10 +179,10 @@ class Planner:
         owner, labels, decision = self.owner, entry.labels, entry.decision
         if not decision.targeted:
             if decision.skipped:
-                owner.skipped_sites.append(_skipped(labels, decision.reason))
+                owner.skipped_sites.append(_skipped(labels, decision.reason, decision.cause or SkipCause.REFUSED))
             return
         if entry.refusal is not None:
-            owner.skipped_sites.append(_skipped(labels, entry.refusal))
+            owner.skipped_sites.append(_skipped(labels, entry.refusal, SkipCause.UNSUPPORTED_LAYOUT))
             return
         try:
             weight = owner.get_parameter(labels.weight)
@@ -192,7 +192,7 @@ class Planner:
                     owner.skipped_sites.append(_skipped(labels, (
                         f"LoRA dropout ({decision.dropout}) cannot apply to an expert parameter's LoRA (it is added to "
                         "the weight, not to an activation; PEFT refuses it too): set dropout: 0 for it (a rule with "
-                        "role mlp.gate_up / mlp.down and dropout: 0) or lora_dropout: 0")))
+                        "role mlp.gate_up / mlp.down and dropout: 0) or lora_dropout: 0"), SkipCause.EXPERT_DROPOUT))
                     return
                 experts, d1, d2 = weight.shape
                 out_features, in_features = (d1, d2) if entry.layout == "experts" else (d2, d1)
@@ -206,7 +206,7 @@ class Planner:
             attach_lora(owner.get_submodule(entry.owner), in_features, out_features, rank,
                         LORA_DTYPES[owner.policy.lora_dtype], self.generator, weight.device)
         except ValueError as e:
-            owner.skipped_sites.append(_skipped(labels, str(e)))
+            owner.skipped_sites.append(_skipped(labels, str(e), SkipCause.REFUSED))
             return
         scale = owner.policy.scale(decision.r, decision.alpha)
         site = Site(labels.module, str(labels.component), str(labels.role), labels.layer, decision.r, decision.alpha,
@@ -220,10 +220,10 @@ class Planner:
         """Create sites for the planned sites of a graph that have none yet (while rewriting only)."""
         gm = program_or_gm.graph_module if isinstance(program_or_gm, Program) else program_or_gm
         if not base:
-            self.owner.label_check = dict(gm.meta.get("graphlora.label_check", {}))
+            self.owner.label_check = dict(graph_meta(gm).label_check)
             _warn_disagreements(self.owner.label_check)
         known = {s.name for s in self.owner.sites} | {s.name for s in self.owner.skipped_sites}
-        for entry in gm.meta.get("graphlora.site_plan", []):
+        for entry in graph_meta(gm).site_plan:
             if entry.labels.module not in known:
                 self.attach(entry)
         if not base and not self.owner.sites:
@@ -254,7 +254,7 @@ class Planner:
             decision = get_decision(node)
             if decision is not None and (decision.targeted or labels.module not in table.decisions):
                 table.decisions[labels.module] = decision
-        table.towers = dict(gm.meta.get("graphlora.towers", {}))
+        table.towers = dict(graph_meta(gm).towers)
 
     # ------------------------------------------------------------------ entry point
     def setup(self, call: dict[str, Any], verify: bool | str = True, trace_mode: str = "auto") -> None:
@@ -559,7 +559,8 @@ class Planner:
         dead = unreachable_modules(mirror, call, targeted_paths) if not owner.on_meta else set()
         names = "`loss`" if "labels" in call else "`logits`"
         decisions = [SiteDecision(False, f"its output never reaches {names}, so it can receive no gradient "
-                                         f"(chosen by: {d.reason})", d.r, d.alpha, d.dropout, skipped=True)
+                                         f"(chosen by: {d.reason})", d.r, d.alpha, d.dropout, skipped=True,
+                                     cause=SkipCause.UNREACHABLE)
                      if labels.module in dead else d for labels, d in zip(items, decisions)]
         table.decisions = {labels.module: d for labels, d in zip(items, decisions)}
         for labels, decision in zip(items, decisions):
@@ -660,7 +661,8 @@ class Planner:
                     what = "a raw parameter (used by a matmul?)" if param.ndim == 2 else "a 3-D (expert?) parameter"
                     owner.skipped_sites.append(_skipped(labels, (
                         f"{what} in the eager glue of regional tracing: without a graph graphlora cannot see how it is "
-                        "used, so it is not adapted (trace_mode='blocks' or 'whole' adapts expert parameters)")))
+                        "used, so it is not adapted (trace_mode='blocks' or 'whole' adapts expert parameters)"),
+                        SkipCause.EAGER_GLUE))
 
     def _try_region(self, path: str, captured, verify: bool) -> RegionInfo:
         owner, runtime = self.owner, self.runtime

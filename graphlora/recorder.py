@@ -5,7 +5,7 @@ every torch function it calls into a ``torch.fx.Graph``: one node per call, its 
 edges, ``meta["val"]`` a shape/dtype stand-in for its result (a meta tensor) and
 ``meta["nn_module_stack"]`` the modules it ran in (outermost first, as ``torch.export`` records it).
 Parameters, buffers and the call's tensor inputs are placeholders, described in
-``graph_module.meta["graphlora.placeholders"]`` exactly as for an exported program, so the structural
+``GraphMeta.placeholders`` exactly as for an exported program, so the structural
 analysis passes (labels, selection, reachability) run on it unchanged.
 
 This is the *analysis IR* of the block-programs trace mode: it costs one eager forward (milliseconds
@@ -38,6 +38,7 @@ import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from graphlora.labels import PlaceholderKind, graph_meta
 from graphlora.regions import CapturedCall
 from graphlora.trace import record_loss_outputs
 
@@ -359,7 +360,8 @@ def record_call(model: torch.nn.Module, call: dict[str, Any], capture: Collectio
     leaves, out_spec = pytree.tree_flatten(output)
     graph.output(tuple(recorder.nodes.get(x) if isinstance(x, torch.Tensor) else None for x in leaves))
     gm = torch.fx.GraphModule(torch.nn.Module(), graph, class_name="AnalysisGraph")
-    gm.meta["graphlora.placeholders"] = dict(recorder.placeholders)
+    graph_meta(gm).placeholders = {name: (PlaceholderKind(kind), target)
+                                   for name, (kind, target) in recorder.placeholders.items()}
     record_loss_outputs(gm, out_spec)
     if fake:
         converted = {}

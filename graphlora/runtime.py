@@ -32,6 +32,7 @@ from graphlora import families
 from graphlora.errors import GraphLoraError
 from graphlora.lora import eager_lora_hooks
 from graphlora.pass_manager import PassRecord
+from graphlora.name_rules import WRAPPER_PREFIX
 from graphlora.pipeline import EXPORT_STAGE, Pipeline
 from graphlora.trace import (
     FORCED_KWARGS,
@@ -428,7 +429,7 @@ class Runtime:
         self.pipeline.observe(EXPORT_STAGE, gm)
         table = self.owner.site_table
         passes = (self.pipeline.labelling(mirror, path, table.labels, table.decisions, table.towers) if path
-                  else self.pipeline.analysis(mirror, "m."))
+                  else self.pipeline.analysis(mirror, WRAPPER_PREFIX))
         records = self.pipeline.run(passes, gm)
         if self.on_analysed is not None:
             self.on_analysed(program, path)

@@ -34,9 +34,11 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from graphlora.errors import ExportFailedError, GraphLoraError
+from graphlora.labels import PlaceholderKind, graph_meta
+from graphlora.name_rules import WRAPPER_ATTR
 
 #: Attribute under which the export wrapper holds the model; stripped from parameter names.
-_WRAPPED = "m"
+_WRAPPED = WRAPPER_ATTR
 
 #: Keyword arguments the traced forward always receives (a cache in the output cannot be exported).
 FORCED_KWARGS: dict[str, Any] = {"use_cache": False}
@@ -388,13 +390,13 @@ def record_loss_outputs(gm: torch.fx.GraphModule, out_spec: pytree.TreeSpec) -> 
             ranges[name] = range(offset, offset + child.num_leaves)
             offset += child.num_leaves
         if "logits" in ranges:
-            gm.meta["graphlora.logits_outputs"] = list(ranges["logits"])
+            graph_meta(gm).logits_outputs = list(ranges["logits"])
         for name in ("loss", "logits"):
             if name in ranges:
-                gm.meta["graphlora.loss_outputs"] = list(ranges[name])
-                gm.meta["graphlora.loss_output_names"] = f"`{name}`"
+                graph_meta(gm).loss_outputs = list(ranges[name])
+                graph_meta(gm).loss_output_names = f"`{name}`"
                 return
-    gm.meta["graphlora.loss_outputs"] = None
+    graph_meta(gm).loss_outputs = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,18 +544,18 @@ class Program:
         return program
 
     def _record_placeholders(self) -> None:
-        """``graph_module.meta["graphlora.placeholders"]``: placeholder name -> (kind, target), for passes."""
+        """``GraphMeta.placeholders``: placeholder name -> (kind, target), for passes."""
         placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
-        self.graph_module.meta["graphlora.placeholders"] = {
-            node.name: (slot.kind, slot.target if slot.kind != "user" else node.name)
+        graph_meta(self.graph_module).placeholders = {
+            node.name: (PlaceholderKind(slot.kind), slot.target if slot.kind != "user" else node.name)
             for slot, node in zip(self.slots, placeholders)
         }
 
     # -- parameters ---------------------------------------------------------------------------
     def param_placeholder(self, fqn: str) -> torch.fx.Node | None:
         """The placeholder fed with parameter ``fqn``, if any."""
-        for name, (kind, target) in self.graph_module.meta.get("graphlora.placeholders", {}).items():
-            if kind == "param" and target == fqn:
+        for name, (kind, target) in graph_meta(self.graph_module).placeholders.items():
+            if kind == PlaceholderKind.PARAM and target == fqn:
                 return self._placeholder_named(name)
         return None
 
@@ -588,7 +590,7 @@ class Program:
         else:
             node.meta["val"] = example.detach()
         self.slots.insert(index, InputSlot("param", fqn))
-        self.graph_module.meta["graphlora.placeholders"][node.name] = ("param", fqn)
+        graph_meta(self.graph_module).placeholders[node.name] = (PlaceholderKind.PARAM, fqn)
         return node
 
     def user_placeholders(self) -> list[torch.fx.Node]:

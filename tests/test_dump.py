@@ -427,9 +427,9 @@ class _FakeFusePass:
     name = "fake_fuse_lora_linear"
 
     def __call__(self, gm):
-        from graphlora.labels import get_decision, labelled_nodes
+        from graphlora.labels import get_decision, graph_meta, labelled_nodes
 
-        gm.meta["graphlora.fusion"] = {
+        graph_meta(gm).fusion = {
             labels.module: ({"fused": True, "reason": ""} if str(labels.component) == "language"
                             else {"fused": False, "reason": "dtype float32 has no fused kernel"})
             for node, labels in labelled_nodes(gm.graph) if (d := get_decision(node)) is not None and d.targeted

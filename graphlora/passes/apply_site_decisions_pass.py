@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from graphlora.labels import SiteDecision, labelled_nodes, set_decision
+from graphlora.labels import SiteDecision, graph_meta, labelled_nodes, set_decision
 from graphlora.passes.select_lora_sites_pass import decide_site
 from graphlora.policy import Policy
 
@@ -25,7 +25,7 @@ class ApplySiteDecisionsPass(PassBase):
         self.policy = policy
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        towers = graph_module.meta.get("graphlora.towers", {})
+        towers = graph_meta(graph_module).towers
         for node, labels in labelled_nodes(graph_module.graph):
             decision = self.decisions.get(labels.module)
             if decision is None:

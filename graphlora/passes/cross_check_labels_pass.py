@@ -3,7 +3,7 @@
 Reads: the labels written by ``label_by_structure``, each node's module stack (names and classes) and
 the model's output-embedding paths. Writes: the name-rule labels of every labelled node
 (:func:`graphlora.labels.set_name_labels`), and
-``graph_module.meta["graphlora.label_check"]`` = ``{"checked": n, "disagreements": [{site, structure,
+``GraphMeta.label_check`` = ``{"checked": n, "disagreements": [{site, structure,
 names}, ...]}``. Guarantees: labels are unchanged — structure decides; disagreements are reported
 (renamed or unseen architectures make name rules fail; a report says so instead of mis-targeting).
 """
@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from graphlora.labels import labelled_nodes, set_name_labels
-from graphlora.name_rules import StackEntry, component_by_name, module_stack, role_by_name
+from graphlora.labels import graph_meta, labelled_nodes, set_name_labels
+from graphlora.name_rules import WRAPPER_PREFIX, StackEntry, component_by_name, module_stack, role_by_name
 
 
 class CrossCheckLabelsPass(PassBase):
     name = "cross_check_labels"
 
-    def __init__(self, head_paths: frozenset[str], stack_prefix: str = "m."):
+    def __init__(self, head_paths: frozenset[str], stack_prefix: str = WRAPPER_PREFIX):
         super().__init__()
         self.head_paths = head_paths
         self.stack_prefix = stack_prefix
@@ -47,7 +47,7 @@ class CrossCheckLabelsPass(PassBase):
                     "structure": [str(labels.component), str(labels.role)],
                     "names": [str(by_name_component), str(by_name_role)],
                 })
-        graph_module.meta["graphlora.label_check"] = {
+        graph_meta(graph_module).label_check = {
             "checked": len({labels.module for _, labels in nodes}),
             "disagreements": disagreements,
         }

@@ -7,7 +7,7 @@ place of its nodes; branches that read the same ``x`` with the same dropout (q/k
 ``torch.ops.graphlora.lora_linear_group`` (one read of x for all down-projections) and ``getitem``
 nodes. A dropout seed is drawn per call (``aten.randint``) when the program trains with dropout > 0.
 Fused nodes carry the site's labels and decision, and ``graphlora.lora_step = "fused"``.
-``graph_module.meta["graphlora.fusion"] = {site: {"fused": bool, "reason": str}}`` records every
+``GraphMeta.fusion = {site: {"fused": bool, "reason": str}}`` records every
 site, with the reason a branch was left as it is. Guarantees: the program computes the same function
 as before (the op follows PEFT's numerics; masks come from graphlora's counter-based generator).
 """
@@ -22,7 +22,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
 from graphlora.fx_utils import propagate_fake_value
-from graphlora.labels import PARAM_STEP, get_decision, get_labels, get_site_step, set_decision, set_labels, set_site_step
+from graphlora.labels import (LORA_STEPS, PARAM_STEP, get_base_node, get_decision, get_labels, get_site_step, graph_meta,
+                              set_base_node, set_decision, set_fusion_group, set_labels, set_site_step)
 from graphlora.trace import fake_mode_of
 
 aten = torch.ops.aten
@@ -37,19 +38,18 @@ def collect_branches(graph: torch.fx.Graph) -> dict[str, dict[str, torch.fx.Node
         tag = get_site_step(node)
         if tag is None:
             continue
-        base = node.meta.get("custom", {}).get("graphlora.base_node")
+        base = get_base_node(node)
         branches[base][tag[1]] = node
     return dict(branches)
 
 
 def _branch_problem(steps: dict[str, torch.fx.Node]) -> str | None:
     """Why this branch does not have the exact shape the fused op implements (None if it does)."""
-    needed = ("base", "cast_in", "dropout", "lora_a", "lora_b", "scale", "add", "cast_out")
     if PARAM_STEP in steps:
         return "an expert parameter's LoRA: added to the weight (W + s delta), not a branch on an activation"
-    if any(step not in steps for step in needed):
+    if any(step not in steps for step in LORA_STEPS):
         return "the branch is incomplete (an earlier pass changed it)"
-    base, cast_in, drop, la, lb, sc, add, out = (steps[s] for s in needed)
+    base, cast_in, drop, la, lb, sc, add, out = (steps[s] for s in LORA_STEPS)
     if base.target != aten.linear.default:
         return f"its base op is {base.target} (a raw parameter matmul), not a linear"
     x = base.args[0]
@@ -113,7 +113,7 @@ class FuseLoraLinearPass(PassBase):
                 for site, steps in members:
                     self._fuse_one(graph, x, p, site, steps, fake_mode)
                     report[site] = {"fused": True, "reason": "fused"}
-        graph_module.meta["graphlora.fusion"] = report
+        graph_meta(graph_module).fusion = report
         return PassResult(graph_module, bool(eligible))
 
     # -- rewriting ---------------------------------------------------------------------------
@@ -142,12 +142,12 @@ class FuseLoraLinearPass(PassBase):
         if decision is not None:
             set_decision(new, decision)
         set_site_step(new, site, "fused")
-        new.meta["custom"]["graphlora.base_node"] = base.name
+        set_base_node(new, base.name)
         new.meta["nn_module_stack"] = dict(base.meta.get("nn_module_stack", {}))
 
     @staticmethod
     def _erase(graph, steps) -> None:
-        for step in ("cast_out", "add", "scale", "lora_b", "lora_a", "dropout", "cast_in", "base"):
+        for step in reversed(LORA_STEPS):  # users before their inputs
             graph.erase_node(steps[step])
 
     def _fuse_one(self, graph, x, p, site, steps, fake_mode) -> None:
@@ -173,7 +173,7 @@ class FuseLoraLinearPass(PassBase):
                                         (x, weights, biases, lora_as, lora_bs, scales, p, seed))
             outs = [graph.call_function(operator.getitem, (group, i)) for i in range(len(members))]
         propagate_fake_value(group, fake_mode)
-        group.meta.setdefault("custom", {})["graphlora.group"] = [site for site, _ in members]
+        set_fusion_group(group, [site for site, _ in members])
         for out, (site, steps) in zip(outs, members):
             propagate_fake_value(out, fake_mode)
             self._retag(out, site, steps)

@@ -27,7 +27,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from graphlora import structure
 from graphlora.errors import GraphLoraError
 from graphlora.fx_utils import propagate_fake_value
-from graphlora.labels import PARAM_STEP, get_decision, labelled_nodes, set_site_step
+from graphlora.labels import LORA_STEPS, PARAM_STEP, get_decision, graph_meta, labelled_nodes, set_base_node, set_site_step
 from graphlora.lora import EXPERT_LAYOUTS
 from graphlora.trace import Program, fake_mode_of
 
@@ -67,9 +67,7 @@ class InsertLoraBranchesPass(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         fake_mode = fake_mode_of(graph)
-        placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-        self._params = {target: placeholders[name] for name, (kind, target)
-                        in graph_module.meta.get("graphlora.placeholders", {}).items() if kind == "param"}
+        self._params = {fqn: node for node, fqn in graph_meta(graph_module).param_placeholders(graph).items()}
         targets = [(n, lab) for n, lab in labelled_nodes(graph) if (d := get_decision(n)) is not None and d.targeted]
         adapted_params: set[str] = set()
         for node, labels in targets:
@@ -100,11 +98,9 @@ class InsertLoraBranchesPass(PassBase):
                 add = graph.call_function(aten.add.Tensor, (node, scale))
                 cast_out = graph.call_function(aten.to.dtype, (add, y_dtype))
             node.replace_all_uses_with(cast_out, delete_user_cb=lambda user: user is not add)
-            steps = [("base", node), ("cast_in", cast_in), ("dropout", dropout), ("lora_a", lora_a),
-                     ("lora_b", lora_b), ("scale", scale), ("add", add), ("cast_out", cast_out)]
-            for step, n in steps:
+            for step, n in zip(LORA_STEPS, (node, cast_in, dropout, lora_a, lora_b, scale, add, cast_out)):
                 set_site_step(n, site, step)
-                n.meta.setdefault("custom", {})["graphlora.base_node"] = node.name
+                set_base_node(n, node.name)
                 if step != "base":
                     n.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
                     propagate_fake_value(n, fake_mode)
@@ -144,5 +140,5 @@ class InsertLoraBranchesPass(PassBase):
         weight.replace_all_uses_with(adapted, delete_user_cb=lambda user: user is not adapted)
         for n in steps:
             set_site_step(n, site, PARAM_STEP)
-            n.meta.setdefault("custom", {})["graphlora.base_node"] = weight.name
+            set_base_node(n, weight.name)
             propagate_fake_value(n, fake_mode)

@@ -1,10 +1,10 @@
 """Label every trainable matmul with component, role and layer, from the graph's structure.
 
-Reads: the graph (dataflow, op types), ``graph_module.meta["graphlora.placeholders"]`` (which
-placeholders are parameters and user inputs), ``graph_module.meta["graphlora.logits_outputs"]``, and
+Reads: the graph (dataflow, op types), ``GraphMeta.placeholders`` (which
+placeholders are parameters and user inputs), ``GraphMeta.logits_outputs``, and
 the *shape* of each node's module stack (integer-indexed children = repeated blocks) — never module
 names. Writes: :class:`graphlora.labels.NodeLabels` (component, role, layer, site name, kind, weight)
-on every ``aten.linear`` / parameter ``matmul`` node; ``graph_module.meta["graphlora.towers"]``.
+on every ``aten.linear`` / parameter ``matmul`` node; ``GraphMeta.towers``.
 
 Rules (graphlora/structure.py has the analyses):
 
@@ -42,8 +42,8 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphlora import structure
-from graphlora.labels import Component, NodeLabels, Role, set_labels
-from graphlora.name_rules import module_stack
+from graphlora.labels import Component, NodeLabels, Role, graph_meta, set_labels
+from graphlora.name_rules import WRAPPER_PREFIX, module_stack
 
 
 _RESAMPLER = "resampler"  # list kind of a learned-query resampler's blocks (besides the modalities)
@@ -52,18 +52,17 @@ _RESAMPLER = "resampler"  # list kind of a learned-query resampler's blocks (bes
 class LabelByStructurePass(PassBase):
     name = "label_by_structure"
 
-    def __init__(self, module_classes: dict[str, type], stack_prefix: str = "m."):
+    def __init__(self, module_classes: dict[str, type], stack_prefix: str = WRAPPER_PREFIX):
         super().__init__()
         self.module_classes = module_classes
         self.stack_prefix = stack_prefix
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
-        placeholders = graph_module.meta.get("graphlora.placeholders", {})
-        nodes = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-        param_of = {nodes[name]: target for name, (kind, target) in placeholders.items() if kind == "param"}
-        user_inputs = {nodes[name]: structure.input_modality(name, nodes[name].meta.get("val"))
-                       for name, (kind, _) in placeholders.items() if kind == "user"}
+        meta = graph_meta(graph_module)
+        param_of = meta.param_placeholders(graph)
+        user_inputs = {node: structure.input_modality(name, node.meta.get("val"))
+                       for node, name in meta.user_placeholders(graph).items()}
         deps = structure.dependencies(graph, user_inputs)
         matmuls = structure.trainable_matmuls(graph_module, param_of, self.stack_prefix, self.module_classes)
         mm_nodes = {m.node for m in matmuls}
@@ -103,7 +102,7 @@ class LabelByStructurePass(PassBase):
 
         output = graph.output_node()
         flat_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
-        logits_idx = graph_module.meta.get("graphlora.logits_outputs") or []
+        logits_idx = graph_meta(graph_module).logits_outputs or []
         if logits_idx:
             heads = structure.reachable_to([flat_outputs[i] for i in logits_idx
                                             if isinstance(flat_outputs[i], torch.fx.Node)], mm_nodes)
@@ -200,7 +199,7 @@ class LabelByStructurePass(PassBase):
             role = Role(roles[m.node]) if in_block and m.node in roles else Role(loose_roles.get(m.node, Role.OTHER))
             comp, role = _packed_labels(m, comp, role, matmuls, components, all_roles)
             set_labels(m.node, NodeLabels(comp, role, layer, m.site, m.kind, m.weight))
-        graph_module.meta["graphlora.towers"] = {t: len(b) for t, b in order.items()}
+        graph_meta(graph_module).towers = {t: len(b) for t, b in order.items()}
         return PassResult(graph_module, bool(matmuls))
 
 

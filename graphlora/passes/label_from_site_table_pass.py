@@ -8,7 +8,7 @@ execution order over the whole model).
 Reads: the region graph's trainable matmuls (``graphlora.structure.trainable_matmuls``), the table
 (site name -> :class:`NodeLabels`), the region's module path (prefix of every site name), and the
 tower sizes of the whole model. Writes: labels (site names relative to the whole model) on every
-trainable matmul; ``graph_module.meta["graphlora.towers"]``. Guarantees: every trainable matmul of the
+trainable matmul; ``GraphMeta.towers``. Guarantees: every trainable matmul of the
 region carries labels; parameter matmuls missing from the table get name-rule labels.
 """
 
@@ -20,7 +20,8 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphlora import structure
-from graphlora.labels import NodeLabels, set_labels
+from graphlora.labels import NodeLabels, graph_meta, set_labels
+from graphlora.name_rules import WRAPPER_PREFIX
 from graphlora.regions import name_label_for_param
 
 
@@ -28,7 +29,7 @@ class LabelFromSiteTablePass(PassBase):
     name = "label_from_site_table"
 
     def __init__(self, table: dict[str, NodeLabels], prefix: str, towers: dict[str, int],
-                 root: torch.nn.Module, head_paths: frozenset[str], stack_prefix: str = "m."):
+                 root: torch.nn.Module, head_paths: frozenset[str], stack_prefix: str = WRAPPER_PREFIX):
         super().__init__()
         self.table = table
         self.prefix = prefix
@@ -42,9 +43,7 @@ class LabelFromSiteTablePass(PassBase):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         region = self.root.get_submodule(self.prefix)
-        placeholders = graph_module.meta.get("graphlora.placeholders", {})
-        nodes = {n.name: n for n in graph_module.graph.nodes if n.op == "placeholder"}
-        param_of = {nodes[name]: target for name, (kind, target) in placeholders.items() if kind == "param"}
+        param_of = graph_meta(graph_module).param_placeholders(graph_module.graph)
         classes = {path: type(m) for path, m in region.named_modules()}
         matmuls = structure.trainable_matmuls(graph_module, param_of, self.stack_prefix, classes)
         for m in matmuls:
@@ -56,6 +55,6 @@ class LabelFromSiteTablePass(PassBase):
             else:
                 labels = name_label_for_param(self.root, weight, m.kind, self.head_paths)
             set_labels(m.node, dataclasses.replace(labels, kind=m.kind, weight=weight))
-        graph_module.meta["graphlora.towers"] = dict(self.towers)
-        graph_module.meta["graphlora.loss_outputs"] = None
+        graph_meta(graph_module).towers = dict(self.towers)
+        graph_meta(graph_module).loss_outputs = None
         return PassResult(graph_module, bool(matmuls))

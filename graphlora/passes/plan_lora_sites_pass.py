@@ -3,7 +3,7 @@
 Reads: the labels and decisions of every labelled matmul (a module called several times has several
 nodes: the targeted one decides), the activation and output shapes of its node, and the model the
 graph was traced from (parameter owners, for refusal messages). Writes:
-``graph_module.meta["graphlora.site_plan"]``: a list of :class:`SitePlan`, in graph order, one per site
+``GraphMeta.site_plan``: a list of :class:`SitePlan`, in graph order, one per site
 that is targeted or skipped; a site the policy chose that cannot carry LoRA yet (an expert matmul,
 ``nn.MultiheadAttention``'s packed in-projection ...) has ``refusal`` set. Guarantees: the graph is
 unchanged; every targeted site of the graph has exactly one entry.
@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from graphlora.labels import NodeLabels, SiteDecision, get_decision, labelled_nodes
+from graphlora.labels import NodeLabels, SiteDecision, get_decision, graph_meta, labelled_nodes
 from graphlora.lora import EXPERT_HOLDER
 
 aten = torch.ops.aten
@@ -102,5 +102,5 @@ class PlanLoraSitesPass(PassBase):
             out_features = int(node.meta["val"].shape[-1])
             owner, layout, refusal = lora_owner(self.root, node, labels) if decision.targeted else ("", "", None)
             plan.append(SitePlan(labels, decision, in_features, out_features, owner, layout or "out_in", refusal))
-        graph_module.meta["graphlora.site_plan"] = plan
+        graph_meta(graph_module).site_plan = plan
         return PassResult(graph_module, False)

@@ -1,6 +1,6 @@
 """Decide, for every labelled matmul, whether it gets LoRA and with which r / alpha / dropout.
 
-Reads: the labels (component, role, layer, module) and ``graph_module.meta["graphlora.towers"]``;
+Reads: the labels (component, role, layer, module) and ``GraphMeta.towers``;
 the :class:`graphlora.policy.Policy`. Writes: a :class:`graphlora.labels.SiteDecision` on every
 labelled node, whose ``reason`` names the flag, key or rule that decided. Guarantees: at least one
 node is targeted (else :class:`NoSitesSelectedError` naming the flags that excluded everything);
@@ -17,7 +17,7 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphlora.errors import NoSitesSelectedError, PolicyError
-from graphlora.labels import TOWER_OF_COMPONENT, Component, NodeLabels, SiteDecision, labelled_nodes, set_decision
+from graphlora.labels import TOWER_OF_COMPONENT, Component, NodeLabels, SiteDecision, graph_meta, labelled_nodes, set_decision
 from graphlora.policy import Policy, Rule, resolve_layers
 
 
@@ -158,7 +158,7 @@ class SelectLoraSitesPass(PassBase):
         self.policy = policy
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        towers = graph_module.meta.get("graphlora.towers", {})
+        towers = graph_meta(graph_module).towers
         nodes = labelled_nodes(graph_module.graph)
         decisions = decide_sites(self.policy, [labels for _, labels in nodes], towers)
         for (node, _), decision in zip(nodes, decisions):

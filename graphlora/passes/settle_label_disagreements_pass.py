@@ -1,8 +1,8 @@
 """Settle the linears on which the graph's structure and the module-name rules disagree: never silently.
 
-Reads: ``graph_module.meta["graphlora.label_check"]`` and each labelled node's name labels (written by
+Reads: ``GraphMeta.label_check`` and each labelled node's name labels (written by
 ``cross_check_labels``), the decisions of ``select_lora_sites``, the policy (``trust_labels``, flags,
-rules) and ``graph_module.meta["graphlora.towers"]``. Writes: on every disagreement entry,
+rules) and ``GraphMeta.towers``. Writes: on every disagreement entry,
 ``changes_selection`` (whether the policy would choose the linear differently by its name labels), and on the
 check ``trust_labels`` (the policy's choice, None when unset); with ``trust_labels: names``, the name labels and the decision they give on the
 disagreeing nodes (the layer is kept when the tower is the same). Guarantees: with ``trust_labels`` unset,
@@ -22,7 +22,7 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphlora.errors import LabelDisagreementError
-from graphlora.labels import TOWER_OF_COMPONENT, Component, NodeLabels, Role, get_decision, get_name_labels, labelled_nodes, \
+from graphlora.labels import TOWER_OF_COMPONENT, Component, NodeLabels, Role, get_decision, get_name_labels, graph_meta, labelled_nodes, \
     set_decision, set_labels
 from graphlora.passes.mark_unreachable_sites_pass import live_nodes
 from graphlora.passes.select_lora_sites_pass import decide_site
@@ -59,11 +59,11 @@ class SettleLabelDisagreementsPass(PassBase):
         self.policy = policy
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        check = graph_module.meta.get("graphlora.label_check") or {}
+        check = graph_meta(graph_module).label_check
         entries = {d["site"]: d for d in check.get("disagreements", [])}
         if not entries:
             return PassResult(graph_module, False)
-        towers = graph_module.meta.get("graphlora.towers", {})
+        towers = graph_meta(graph_module).towers
         trust = self.policy.trust_labels
         check["trust_labels"] = trust
         live = live_nodes(graph_module) if trust is None else set()
