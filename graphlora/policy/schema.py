@@ -1,4 +1,8 @@
-"""The LoRA policy: which linears of a VLM get LoRA, with which hyper-parameters.
+"""The LoRA policy schema: the pydantic models :class:`Policy`, :class:`Rule` and :class:`RuleMatch`.
+
+Reads nothing and writes nothing: these models validate a policy's values (strict types, no unknown keys,
+frozen instances) whether they come from Python, a YAML or TOML file (``graphlora.policy.source``) or a
+saved adapter. A policy says which linears of a VLM get LoRA, with which hyper-parameters.
 
 The field names and defaults are Unsloth's ``FastVisionModel.get_peft_model`` vocabulary (``r=16``,
 ``lora_alpha=16``, ``lora_dropout=0``, ``finetune_*_layers/modules``, ``random_state=3407``), plus what
