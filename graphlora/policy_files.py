@@ -19,31 +19,30 @@ paths back to file lines), :func:`parse_policy_text`, :func:`dump_policy`, :func
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import difflib
 import json
 import math
 import os
 import re
-import types
-import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union
+from typing import Any, Iterable
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from graphlora.errors import PolicyError
 from graphlora.policy import Policy
-from graphlora.policy.toml_positions import TomlLineScanner
-
-try:  # Python >= 3.11
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with the tomli backport
-    try:
-        import tomli as _toml  # type: ignore[no-redef]
-    except ModuleNotFoundError:
-        _toml = None  # type: ignore[assignment]
+from graphlora.policy.messages import (
+    Abort,
+    Issues,
+    PolicyFileError,
+    PolicyIssue,
+    closest,
+    describe_value,
+    validation_issues,
+)
+from graphlora.policy.schema import FILE_KEYS, SUPPORTED_VERSION
+from graphlora.policy.key_paths import KeyPath, format_key_path, parse_key_path
+from graphlora.policy.toml_positions import TomlLineScanner, read_toml  # noqa: F401 (TomlLineScanner: re-exported)
+from graphlora.policy.yaml_reader import StrictYamlLoader, read_yaml  # noqa: F401 (StrictYamlLoader: re-exported)
 
 __all__ = [
     "SUPPORTED_VERSION",
@@ -66,280 +65,11 @@ __all__ = [
     "format_site_diff",
 ]
 
-#: The newest policy file version this graphlora reads (and the one it writes).
-SUPPORTED_VERSION = 1
-
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 SCHEMA_PATH = Path(__file__).resolve().parent / "policy.schema.json"
 
 _YAML_SUFFIXES = (".yaml", ".yml")
 _TOML_SUFFIXES = (".toml",)
-_FILE_KEYS = ("version", "extends")  # keys of a policy file that are not Policy fields
-
-KeyPath = tuple  # of str (mapping keys) and int (list indices)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Key paths
-# ---------------------------------------------------------------------------------------------------
-_KEY_PATH_TOKEN = re.compile(r"\[(\d+)\]|\.?([^.\[\]]+)")
-
-
-def format_key_path(path: Iterable[str | int]) -> str:
-    """``("rules", 1, "match", "layers")`` -> ``"rules[1].match.layers"``."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def parse_key_path(key_path: str) -> KeyPath:
-    """``"rules[1].match.layers"`` -> ``("rules", 1, "match", "layers")``; ValueError if malformed."""
-    parts: list[str | int] = []
-    pos = 0
-    while pos < len(key_path):
-        m = _KEY_PATH_TOKEN.match(key_path, pos)
-        if not m or (m.group(2) is not None and key_path[pos] == "." and pos == 0):
-            raise ValueError(f"malformed key path {key_path!r}")
-        parts.append(int(m.group(1)) if m.group(1) is not None else m.group(2))
-        pos = m.end()
-    return tuple(parts)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class PolicyIssue:
-    """One problem in a policy file: where it is and what is wrong."""
-
-    file: str
-    line: int | None
-    key_path: str | None
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.key_path}: {self.message}" if self.key_path else f"{where}: {self.message}"
-
-
-class PolicyFileError(PolicyError):
-    """A policy file is malformed. The message holds one line per problem (see :class:`PolicyIssue`);
-    ``key_path`` is the first problem's key path; ``issues`` lists them all."""
-
-    def __init__(self, issues: list[PolicyIssue]):
-        self.issues = list(issues)
-        first = self.issues[0] if self.issues else None
-        super().__init__("\n".join(map(str, self.issues)), first.key_path if first else None)
-
-
-class _Abort(Exception):
-    """Stop reading: the issues gathered so far are all there is to say."""
-
-
-class _Issues:
-    def __init__(self) -> None:
-        self.items: list[PolicyIssue] = []
-
-    def add(self, file: str, line: int | None, path: KeyPath | None, message: str) -> None:
-        self.items.append(PolicyIssue(file, line, format_key_path(path) if path else None, message))
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise PolicyFileError(self.items)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Strict YAML
-# ---------------------------------------------------------------------------------------------------
-class StrictYamlLoader(yaml.SafeLoader):
-    """A SafeLoader with YAML 1.2-like plain scalars and a record of explicit tags.
-
-    Plain scalars resolve to: ``true`` / ``false`` (booleans; not yes/no/on/off/True), decimal, ``0x`` and
-    ``0o`` integers, decimal floats with ``.inf`` / ``.nan``, and ``null`` / ``~`` / empty; everything else
-    (``-4:``, ``1:30``, ``2024-01-01``, ``yes``) is a string. Explicit tags are recorded so the reader can
-    refuse them; documents are turned into Python values by :func:`_yaml_value`, not by the constructor.
-    """
-
-    yaml_implicit_resolvers: dict = {}  # our own table: nothing inherited from YAML 1.1
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.explicit_tags: dict[int, str] = {}
-
-    def compose_node(self, parent, index):  # type: ignore[override]
-        event = self.peek_event()
-        tag = None if isinstance(event, yaml.AliasEvent) else getattr(event, "tag", None)
-        node = super().compose_node(parent, index)
-        if tag is not None:
-            self.explicit_tags[id(node)] = tag
-        return node
-
-
-_YAML_BOOL = re.compile(r"^(?:true|false)$")
-_YAML_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_YAML_FLOAT = re.compile(
-    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-)
-_YAML_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
-StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", _YAML_BOOL, list("tf"))
-StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", _YAML_INT, list("-+0123456789"))
-StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+.0123456789"))
-StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:null", _YAML_NULL, ["~", "n", "N", ""])
-
-_MAX_YAML_NODES = 100_000  # aliases can multiply a small file into a huge value
-
-
-def _yaml_scalar(node: yaml.ScalarNode) -> Any:
-    tag, text = node.tag, node.value
-    if tag == "tag:yaml.org,2002:bool":
-        return text == "true"
-    if tag == "tag:yaml.org,2002:int":
-        sign = -1 if text.startswith("-") else 1
-        digits = text.lstrip("+-")
-        if digits.startswith(("0x", "0o")):
-            return sign * int(digits[2:], 16 if digits[1] == "x" else 8)
-        return sign * int(digits, 10)
-    if tag == "tag:yaml.org,2002:float":
-        low = text.lower()
-        if "inf" in low:
-            return -math.inf if low.startswith("-") else math.inf
-        if "nan" in low:
-            return math.nan
-        return float(text)
-    if tag == "tag:yaml.org,2002:null":
-        return None
-    return text
-
-
-def _show_tag(tag: str) -> str:
-    return "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
-
-
-class _YamlReader:
-    def __init__(self, loader: StrictYamlLoader, display: str, issues: _Issues) -> None:
-        self.loader, self.display, self.issues = loader, display, issues
-        self.lines: dict[KeyPath, int] = {}
-        self.broken: set[KeyPath] = set()
-        self.active: set[int] = set()
-        self.count = 0
-
-    def value(self, node: yaml.Node, path: KeyPath) -> Any:
-        self.count += 1
-        if self.count > _MAX_YAML_NODES:
-            self.issues.add(self.display, node.start_mark.line + 1, path, "the document is too large")
-            raise _Abort
-        tag = self.loader.explicit_tags.get(id(node))
-        if tag is not None:
-            self.issues.add(
-                self.display, node.start_mark.line + 1, path, f"YAML tags are not allowed (found {_show_tag(tag)!r})"
-            )
-            self.broken.add(path)
-        if isinstance(node, yaml.ScalarNode):
-            return _yaml_scalar(node) if tag is None else node.value
-        if id(node) in self.active:
-            self.issues.add(self.display, node.start_mark.line + 1, path, "recursive YAML alias")
-            self.broken.add(path)
-            return None
-        self.active.add(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                out_list = []
-                for i, item in enumerate(node.value):
-                    self.lines.setdefault(path + (i,), item.start_mark.line + 1)
-                    out_list.append(self.value(item, path + (i,)))
-                return out_list
-            out: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                line = key_node.start_mark.line + 1
-                if not isinstance(key_node, yaml.ScalarNode):
-                    self.issues.add(self.display, line, path, "a key must be a plain name, not a list or mapping")
-                    self.broken.add(path)
-                    continue
-                key = key_node.value
-                if key == "<<" and key_node.style is None:
-                    self.issues.add(
-                        self.display, line, path, "YAML merge keys ('<<') are not supported: use extends"
-                    )
-                    self.broken.add(path)
-                    continue
-                if key in out:
-                    first = self.lines.get(path + (key,))
-                    self.issues.add(
-                        self.display, line, path + (key,), f"duplicate key {key!r} (first defined on line {first})"
-                    )
-                    self.broken.add(path + (key,))
-                    continue
-                self.lines[path + (key,)] = line
-                out[key] = self.value(value_node, path + (key,))
-            return out
-        finally:
-            self.active.discard(id(node))
-
-
-def _read_yaml(text: str, display: str, issues: _Issues) -> tuple[Any, dict[KeyPath, int], set[KeyPath]]:
-    loader = StrictYamlLoader(text)
-    try:
-        root = loader.get_single_node()
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        problem = e.problem or e.context or "malformed YAML"
-        if problem == "mapping values are not allowed here":
-            problem += " (quote values that contain ': ' or end with ':', e.g. vision_layers: \"-4:\")"
-        if e.context == "expected a single document in the stream":
-            problem = "a policy file holds one YAML document, found a second one"
-        issues.add(display, mark.line + 1 if mark else None, None, f"syntax error: {problem}")
-        raise _Abort from None
-    except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
-        issues.add(display, line, None, f"syntax error: character {e.character!r} is not allowed in YAML")
-        raise _Abort from None
-    except yaml.YAMLError as e:  # pragma: no cover - every PyYAML error above is marked or a ReaderError
-        issues.add(display, None, None, f"syntax error: {e}")
-        raise _Abort from None
-    finally:
-        loader.dispose()
-    if root is None:
-        return {}, {}, set()
-    reader = _YamlReader(loader, display, issues)
-    reader.lines[()] = root.start_mark.line + 1
-    return reader.value(root, ()), reader.lines, reader.broken
-
-
-# ---------------------------------------------------------------------------------------------------
-# TOML: tomllib reads the values; the scanner (toml_positions.py) finds the line of every key path
-# ---------------------------------------------------------------------------------------------------
-_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column \d+\)|\s*\(at end of document\)")
-
-
-def _read_toml(text: str, display: str, issues: _Issues) -> tuple[Any, dict[KeyPath, int], set[KeyPath]]:
-    if _toml is None:  # pragma: no cover - Python 3.10 without tomli
-        issues.add(display, None, None, "reading TOML policy files needs Python 3.11+ or the tomli package")
-        raise _Abort
-    try:
-        data = _toml.loads(text)
-    except _toml.TOMLDecodeError as e:
-        try:
-            duplicates = TomlLineScanner(text).scan().duplicates
-        except Exception:  # the scanner assumes valid TOML; on broken input it may give up
-            duplicates = []
-        for line, path, first in duplicates[:1]:  # like tomllib, stop at the first: later ones may follow from it
-            issues.add(display, line, path, f"duplicate key {path[-1]!r} (first defined on line {first})")
-        if not duplicates:
-            message = str(e)
-            m = re.search(r"\(at line (\d+), column \d+\)", message)
-            line = int(m.group(1)) if m else (text.count("\n") + 1 if "end of document" in message else None)
-            problem = _TOML_POSITION.sub("", message)
-            issues.add(display, line, None, "syntax error: " + problem[:1].lower() + problem[1:])
-        raise _Abort from None
-    try:
-        lines = TomlLineScanner(text).scan().lines
-    except Exception:  # pragma: no cover - a scanner bug must not hide the policy: messages lose lines
-        lines = {}
-    return data, lines, set()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,21 +103,21 @@ def _format_of(path: Path) -> str:
 
 
 def _parse_text(
-    text: str, fmt: str, display: str, issues: _Issues
+    text: str, fmt: str, display: str, issues: Issues
 ) -> tuple[dict[str, Any], dict[KeyPath, int], set[KeyPath]]:
     if text.startswith("\ufeff"):
         text = text[1:]
-    data, lines, broken = _read_yaml(text, display, issues) if fmt == "yaml" else _read_toml(text, display, issues)
+    data, lines, broken = read_yaml(text, display, issues) if fmt == "yaml" else read_toml(text, display, issues)
     if data is None:  # an empty YAML document ("---")
         data = {}
     if not isinstance(data, dict):
         kind = "a list" if isinstance(data, list) else f"the value {data!r}"
         issues.add(display, lines.get((), 1), None, f"a policy file must hold a mapping of policy keys, not {kind}")
-        raise _Abort
+        raise Abort
     return data, lines, broken
 
 
-def _check_version(data: dict[str, Any], file: _File, issues: _Issues) -> None:
+def _check_version(data: dict[str, Any], file: _File, issues: Issues) -> None:
     if "version" not in data:
         return
     version = data.pop("version")
@@ -395,7 +125,7 @@ def _check_version(data: dict[str, Any], file: _File, issues: _Issues) -> None:
     if isinstance(version, bool) or not isinstance(version, int):
         issues.add(
             file.display, line, ("version",), f"expected an integer (this graphlora writes {SUPPORTED_VERSION}), "
-            f"got {_describe_value(version)}"
+            f"got {describe_value(version)}"
         )
     elif version > SUPPORTED_VERSION:
         issues.add(
@@ -405,16 +135,16 @@ def _check_version(data: dict[str, Any], file: _File, issues: _Issues) -> None:
             f"policy file version {version} is newer than this graphlora supports (version {SUPPORTED_VERSION}); "
             "upgrade graphlora",
         )
-        raise _Abort
+        raise Abort
     elif version < 1:
         issues.add(file.display, line, ("version",), f"bad version {version}: versions start at 1")
 
 
-def _resolve_extends(value: Any, file: _File, issues: _Issues) -> tuple[Path, str] | None:
+def _resolve_extends(value: Any, file: _File, issues: Issues) -> tuple[Path, str] | None:
     line = file.lines.get(("extends",))
     if not isinstance(value, str) or not value.strip():
         issues.add(
-            file.display, line, ("extends",), f"expected a preset name or a relative path, got {_describe_value(value)}"
+            file.display, line, ("extends",), f"expected a preset name or a relative path, got {describe_value(value)}"
         )
         return None
     if value in preset_names():
@@ -431,7 +161,7 @@ def _resolve_extends(value: Any, file: _File, issues: _Issues) -> tuple[Path, st
 
 
 def _load_merged(
-    path: Path, display: str, issues: _Issues, chain: list[_File], text: str | None = None, fmt: str | None = None
+    path: Path, display: str, issues: Issues, chain: list[_File], text: str | None = None, fmt: str | None = None
 ) -> _Merged | None:
     """Read one file and, recursively, what it extends. None when the file cannot be read or parsed."""
     fmt = fmt or _format_of(path)
@@ -447,11 +177,11 @@ def _load_merged(
     file = _File(path.resolve() if path.name else path, display, {})
     try:
         data, file.lines, file.broken = _parse_text(text, fmt, display, issues)
-    except _Abort:
+    except Abort:
         return None
     try:
         _check_version(data, file, issues)
-    except _Abort:
+    except Abort:
         return None
     parent: _Merged | None = None
     if "extends" in data:
@@ -513,7 +243,7 @@ def _local(merged: _Merged, path: KeyPath) -> tuple[_File, KeyPath] | None:
     if not path:
         return merged.files[0], ()
     top = path[0]
-    if top in _FILE_KEYS:  # per file, not merged: the file read's own
+    if top in FILE_KEYS:  # per file, not merged: the file read's own
         return merged.files[0], path
     if not isinstance(top, str) or top not in merged.top:
         return None
@@ -541,7 +271,7 @@ def _where(merged: _Merged, path: KeyPath) -> tuple[_File, int | None] | None:
 
 def _load(path: str | Path, text: str | None = None, fmt: str | None = None) -> "PolicySource":
     path = Path(path)
-    issues = _Issues()
+    issues = Issues()
     merged = _load_merged(path, str(path), issues, [], text=text, fmt=fmt)
     if merged is None:
         issues.raise_if_any()
@@ -550,7 +280,7 @@ def _load(path: str | Path, text: str | None = None, fmt: str | None = None) -> 
     try:
         policy = Policy.model_validate(merged.data)
     except ValidationError as e:
-        for key_path, message in _validation_issues(e, merged.data):
+        for key_path, message in validation_issues(e, merged.data):
             found = _local(merged, key_path)
             if found and any(found[1][: len(b)] == b for b in found[0].broken):
                 continue  # already reported (a tag, a merge key, a duplicate): the value means nothing
@@ -622,246 +352,13 @@ def parse_policy_text(text: str, fmt: str, name: str | Path = "<policy>") -> Pol
 # ---------------------------------------------------------------------------------------------------
 # pydantic errors -> located one-line messages
 # ---------------------------------------------------------------------------------------------------
-def _closest(word: Any, options: Iterable[str]) -> str | None:
-    """The option ``word`` was most likely meant to be (difflib), or None."""
-    if not isinstance(word, str):
-        return None
-    options = list(options)
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    if not close:
-        lowered = {o.lower(): o for o in options}
-        close = [lowered[word.lower()]] if word.lower() in lowered else []
-    return close[0] if close else None
-
-
-def _did_you_mean(word: Any, options: Iterable[str]) -> str | None:
-    close = _closest(word, options)
-    return f"; did you mean {close!r}?" if close else None
-
-
-def _describe_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, int):
-        return f"the integer {value}"
-    if isinstance(value, float):
-        return f"the number {value!r}"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, (datetime.date, datetime.time)):
-        return f"the date/time {value.isoformat()}"
-    return f"a {type(value).__name__}"
-
-
-def _unwrap(annotation: Any) -> tuple[Any, list[Any]]:
-    """Strip ``Annotated`` and ``Optional``; return the bare type and its constraints."""
-    metadata: list[Any] = []
-    while True:
-        origin = typing.get_origin(annotation)
-        if origin is typing.Annotated:
-            base, *extra = typing.get_args(annotation)
-            for item in extra:
-                metadata.extend(getattr(item, "metadata", [item]))
-            annotation = base
-        elif origin in (Union, types.UnionType):
-            args = [a for a in typing.get_args(annotation) if a is not type(None)]
-            if len(args) != 1:
-                return Union[tuple(args)], metadata  # type: ignore[return-value]
-            annotation = args[0]
-        else:
-            return annotation, metadata
-
-
-def _constraint_text(metadata: list[Any]) -> str:
-    words = []
-    for m in metadata:
-        for attr, word in (("gt", "greater than"), ("ge", "at least"), ("lt", "less than"), ("le", "at most")):
-            bound = getattr(m, attr, None)
-            if bound is not None:
-                words.append(f"{word} {bound}")
-    return (" " + " and ".join(words)) if words else ""
-
-
-def _describe_type(annotation: Any, metadata: Iterable[Any] = ()) -> str:
-    annotation, extra = _unwrap(annotation)
-    metadata = list(metadata) + extra
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        return "true or false"
-    if annotation is int:
-        return "an integer" + _constraint_text(metadata)
-    if annotation is float:
-        return "a number" + _constraint_text(metadata)
-    if annotation is str:
-        return "a string"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        item = _unwrap(item)[0]
-        if typing.get_origin(item) is Literal:
-            return "a list of values from " + ", ".join(repr(a) for a in typing.get_args(item))
-        return "a list of " + {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(
-            item, "mappings"
-        )
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "a mapping of " + ", ".join(annotation.model_fields)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(annotation)
-        lists = [a for a in args if typing.get_origin(a) is list]
-        scalars = [a for a in args if typing.get_origin(a) is not list]
-        if len(lists) == 1 and len(scalars) == 1 and typing.get_args(lists[0])[0] == scalars[0]:
-            return _describe_type(scalars[0]) + ", or a list of them"
-        return " or ".join(_describe_type(a) for a in args)
-    return getattr(annotation, "__name__", str(annotation))  # pragma: no cover
-
-
-_LAYERS_TEXT = "a layer range such as '-4:', ':8' or '0:12:2', or a list of layer positions (integers)"
-_FIELD_TEXT = {
-    "vision_layers": _LAYERS_TEXT,
-    "language_layers": _LAYERS_TEXT,
-    "layers": _LAYERS_TEXT,
-    "target_modules": "'all-linear', a regular expression, or a list of module names",
-}
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _list_item(annotation: Any) -> Any:
-    annotation, _ = _unwrap(annotation)
-    candidates = [annotation] + list(typing.get_args(annotation))
-    for a in candidates:
-        if typing.get_origin(a) is list:
-            return typing.get_args(a)[0]
-    return Any
-
-
-def _field_of(path: KeyPath) -> tuple[KeyPath, type[BaseModel] | None, str | None]:
-    """The longest prefix of ``path`` that names a model field, with the model and the field name."""
-    model: type[BaseModel] | None = Policy
-    owner, name, end = None, None, 0
-    for i, part in enumerate(path):
-        if isinstance(part, int):
-            continue
-        if model is None or part not in model.model_fields:
-            break
-        owner, name, end = model, part, i + 1
-        model = _model_in(model.model_fields[part].annotation)
-    return path[:end], owner, name
-
-
-def _model_at(path: KeyPath) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = Policy
-    for part in path:
-        if isinstance(part, int):
-            continue
-        if model is None or part not in model.model_fields:
-            return None
-        model = _model_in(model.model_fields[part].annotation)
-    return model
-
-
-def _get(data: Any, path: KeyPath) -> Any:
-    for part in path:
-        data = data[part]
-    return data
-
-
-def _key_path_of(loc: tuple, data: Any, kind: str) -> KeyPath:
-    """pydantic's ``loc`` minus the union-branch tags (``"str"``, ``"list[int]"``) that are not keys."""
-    out: list[str | int] = []
-    current = data
-    for n, part in enumerate(loc):
-        last = n == len(loc) - 1
-        if isinstance(part, int) and isinstance(current, list) and 0 <= part < len(current):
-            out.append(part)
-            current = current[part]
-        elif isinstance(part, str) and isinstance(current, dict) and part in current:
-            out.append(part)
-            current = current[part]
-        elif last and kind in ("missing", "extra_forbidden"):
-            out.append(part)
-        # anything else is a union branch tag
-    return tuple(out)
-
-
-def _hint(expected: Any, value: Any) -> str:
-    bare, _ = _unwrap(expected)
-    if isinstance(value, str):
-        if bare is bool and value.lower() in {"yes", "no", "on", "off", "y", "n", "true", "false"}:
-            return " (only true and false are booleans in a policy file)"
-        if bare in (int, float) and re.fullmatch(r"\s*[-+]?\d+(\.\d*)?([eE][-+]?\d+)?\s*", value):
-            return " (write the number without quotes)"
-        literals = [a for a in [bare, *typing.get_args(bare)] if typing.get_origin(a) is Literal]
-        if literals:
-            return _did_you_mean(value, typing.get_args(literals[0])) or ""
-    return ""
-
-
-def _validation_issues(exc: ValidationError, data: dict[str, Any]) -> list[tuple[KeyPath, str]]:
-    out: list[tuple[KeyPath, str]] = []
-    groups: dict[KeyPath, list[tuple[KeyPath, dict[str, Any]]]] = {}
-    for err in exc.errors():
-        kind = err["type"]
-        path = _key_path_of(err["loc"], data, kind)
-        if kind == "extra_forbidden":
-            model = _model_at(path[:-1])
-            fields = list(model.model_fields) if model else []
-            if model is Policy:
-                fields = list(_FILE_KEYS) + fields
-            hint = _did_you_mean(path[-1], fields)
-            out.append((path, f"unknown key {path[-1]!r}" + (hint or f"; expected one of: {', '.join(fields)}")))
-        elif kind == "missing":
-            out.append((path, f"missing required key {path[-1]!r}"))
-        else:
-            groups.setdefault(_field_of(path)[0], []).append((path, err))
-    for field_path, errs in groups.items():
-        value_errors = [(p, e) for p, e in errs if e["type"] in ("value_error", "assertion_error")]
-        if value_errors or not field_path:
-            seen = set()
-            for p, e in value_errors or errs:
-                message = re.sub(r"^(Value|Assertion) error, ", "", e["msg"])
-                if (p, message) not in seen:
-                    seen.add((p, message))
-                    out.append((p, message))
-            continue
-        _, owner, name = _field_of(field_path)
-        assert owner is not None and name is not None
-        field = owner.model_fields[name]
-        value = _get(data, field_path)
-        items = sorted({p[: len(field_path) + 1] for p, _ in errs if len(p) > len(field_path)}, key=str)
-        if isinstance(value, list) and items and all(isinstance(p[-1], int) for p in items):
-            item_type = _list_item(field.annotation)
-            for p in items:
-                item = value[p[-1]]
-                got = _describe_value(item) + _hint(item_type, item)
-                out.append((p, f"expected {_describe_type(item_type)}, got {got}"))
-        else:
-            expected = _FIELD_TEXT.get(name) or _describe_type(field.annotation, field.metadata)
-            got = _describe_value(value) + _hint(field.annotation, value)
-            out.append((field_path, f"expected {expected}, got {got}"))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
 # Presets
 # ---------------------------------------------------------------------------------------------------
 def _unknown_preset_message(name: str) -> str:
-    close = _closest(name, preset_names())
+    close = closest(name, preset_names())
     guess = f" (did you mean {close!r}?)" if close else ""
     return (
         f"unknown preset {name!r}{guess}: the presets are {', '.join(preset_names())}; "

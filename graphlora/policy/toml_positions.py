@@ -1,9 +1,13 @@
-"""Where each key of a TOML policy is written: a line scanner over the text.
+"""Where each key of a TOML policy is written: a line scanner, and the TOML reader built on it.
 
 ``tomllib`` reads a TOML document's values but reports no positions, and no TOML library reports where a
 key is written, so :class:`TomlLineScanner` walks the text itself: it reads a document and writes a table
 ``key path -> line`` and the list of keys written twice; it checks no syntax beyond what it needs to follow
 the structure (tomllib does that) and raises :class:`TomlScanError` where it cannot follow it.
+
+:func:`read_toml` reads a policy file's text into (values, lines, broken) like the YAML reader: values from
+tomllib, lines from the scanner. A syntax error becomes one located issue, or, when the scanner finds a key
+written twice, an issue naming the line of its first definition.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import bisect
 import re
 import tomllib
+from typing import Any
 
 from graphlora.policy.key_paths import KeyPath
+from graphlora.policy.messages import Abort, Issues
 
-__all__ = ["TomlLineScanner", "TomlScanError"]
+__all__ = ["TomlLineScanner", "TomlScanError", "read_toml"]
 
 
 class TomlScanError(Exception):
@@ -234,3 +240,31 @@ class TomlLineScanner:
             else:
                 self._pair(table, self._key(), line)
 
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column \d+\)|\s*\(at end of document\)")
+
+
+def read_toml(text: str, display: str, issues: Issues) -> tuple[Any, dict[KeyPath, int], set[KeyPath]]:
+    """(values, key path -> line, no broken paths) of a TOML document; a syntax error or a key written twice
+    goes to ``issues`` under the name ``display`` and raises :class:`Abort`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        try:
+            duplicates = TomlLineScanner(text).scan().duplicates
+        except Exception:  # the scanner assumes valid TOML; on broken input it may give up
+            duplicates = []
+        for line, path, first in duplicates[:1]:  # like tomllib, stop at the first: later ones may follow from it
+            issues.add(display, line, path, f"duplicate key {path[-1]!r} (first defined on line {first})")
+        if not duplicates:
+            message = str(e)
+            m = re.search(r"\(at line (\d+), column \d+\)", message)
+            line = int(m.group(1)) if m else (text.count("\n") + 1 if "end of document" in message else None)
+            problem = _TOML_POSITION.sub("", message)
+            issues.add(display, line, None, "syntax error: " + problem[:1].lower() + problem[1:])
+        raise Abort from None
+    try:
+        lines = TomlLineScanner(text).scan().lines
+    except Exception:  # pragma: no cover - a scanner bug must not hide the policy: messages lose lines
+        lines = {}
+    return data, lines, set()
