@@ -548,8 +548,10 @@ def test_dump_yaml_is_readable():
         vision_layers = "-4:"
 
         [[rules]]
-        match = { component = "vision" }
         r = 32
+
+        [rules.match]
+        component = "vision"
         """
     )
 

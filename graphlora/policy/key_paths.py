@@ -2,8 +2,8 @@
 
 Reads and writes only strings and tuples. Guarantees: ``parse_key_path(format_key_path(p)) == p`` for
 every path that starts with a key and whose keys (str) hold no ``.``, ``[`` or ``]`` (list indices are
-int); a malformed string is a ValueError. Messages, ``PolicySource.locate`` and the line tables of the YAML and TOML readers all use
-these tuples as keys.
+int); a malformed string is a ValueError. Messages, ``PolicySource.locate`` and the line tables of the
+YAML and TOML readers all use these tuples as keys.
 """
 
 from __future__ import annotations

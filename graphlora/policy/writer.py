@@ -1,9 +1,11 @@
-"""Writing a policy as a YAML or TOML policy file.
+"""Writing a policy as a YAML or TOML policy file: PyYAML's safe dumper and tomli_w do the writing.
 
 Reads a :class:`~graphlora.policy.schema.Policy` (or a dict of its fields); writes text, and the file when
-given a path. Guarantees: the text starts with ``version``, holds every field that is not None (or, with
-``minimal=True``, those that differ from the defaults; a rule holds only the keys it sets), and reading it
-back through :mod:`graphlora.policy.source` gives the same policy.
+given a path. Guarantees: the text starts with ``version``, holds every field that is not None (TOML has no
+null) or, with ``minimal=True``, those that differ from the defaults, in the fields' order; a rule holds only
+the keys it sets; each key is on a line of its own (a rule's ``match`` is a block in YAML, a ``[rules.match]``
+table in TOML); reading the text back through :mod:`graphlora.policy.source` gives the same policy,
+infinite numbers included, and strings that look like numbers, booleans, null or dates stay strings.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+import yaml
 from pydantic import BaseModel
 
 from graphlora.policy.schema import SUPPORTED_VERSION, Policy
 from graphlora.policy.source import file_format
+from graphlora.policy.yaml_reader import PLAIN_SCALAR_RESOLVERS
 
 __all__ = ["dump_policy"]
 
@@ -48,120 +53,73 @@ def _rule_dict(rule: BaseModel) -> dict[str, Any]:
     return out
 
 
-_YAML_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*")
-_YAML_RESERVED = {"true", "false", "null", "yes", "no", "on", "off", "y", "n"}
-_YAML_PRINTABLE = re.compile(r"[\x20-\x7e\xa0-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]*")
+class _PolicyDumper(yaml.SafeDumper):
+    """The dumper of ``yaml.safe_dump``, made to write what the strict reader reads back unchanged.
+
+    * A string is written plain only where neither the strict reader (:data:`PLAIN_SCALAR_RESOLVERS`) nor a
+      YAML 1.1 reader would take it for something else: ``1e3``, ``0o17``, ``-.5`` (numbers to the strict
+      reader) and ``yes``, ``y``, ``2024-01-01`` (YAML 1.1) are quoted.
+    * A string holding a line break is double-quoted, with the break escaped: one line per key, and PyYAML
+      would fold a U+0085 break written inside single quotes into a space.
+    * Lists of scalars are written inline (``[0, -1]``), mappings and lists of rules as blocks, list items
+      indented under their key; no line is wrapped; no anchors.
+    """
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
-def _yaml_str(s: str) -> str:
-    if _YAML_PLAIN.fullmatch(s) and s.lower() not in _YAML_RESERVED:
-        return s
-    if _YAML_PRINTABLE.fullmatch(s) and s == s.strip(" "):
-        return "'" + s.replace("'", "''") + "'"
-    out = []
-    for ch in s:
-        if ch in '\\"':
-            out.append("\\" + ch)
-        elif " " <= ch <= "~":
-            out.append(ch)
-        elif ord(ch) <= 0xFF:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) <= 0xFFFF:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    return '"' + "".join(out) + '"'
+for _tag, _pattern, _first in PLAIN_SCALAR_RESOLVERS:
+    _PolicyDumper.add_implicit_resolver(_tag, _pattern, _first)
+# YAML 1.1's one-letter booleans, which PyYAML's own resolvers leave out
+_PolicyDumper.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+
+_LINE_BREAK = re.compile("[\n\r\x85\u2028\u2029]")
 
 
-def _float_text(x: float, inf: str, nan: str) -> str:
-    if math.isnan(x):
-        return nan
-    if math.isinf(x):
-        return inf if x > 0 else "-" + inf
-    return repr(x)
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if _LINE_BREAK.search(value) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
-def _yaml_scalar_text(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return _float_text(v, ".inf", ".nan")
-    if isinstance(v, str):
-        return _yaml_str(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_yaml_scalar_text(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to YAML")  # pragma: no cover
+def _represent_list(dumper: yaml.SafeDumper, value: list) -> yaml.SequenceNode:
+    flow = not any(isinstance(item, (dict, list)) for item in value)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
 
 
-def _yaml_lines(d: dict[str, Any], indent: int) -> list[str]:
-    pad = " " * indent
-    lines: list[str] = []
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            lines.append(f"{pad}{key}:")
-            lines += _yaml_lines(value, indent + 2)
-        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-            lines.append(f"{pad}{key}:")
-            for item in value:
-                sub = _yaml_lines(item, indent + 4) or [" " * (indent + 4) + "{}"]
-                lines.append(f"{pad}  - " + sub[0][indent + 4 :])
-                lines += sub[1:]
-        elif isinstance(value, dict):
-            lines.append(f"{pad}{key}: {{}}")
-        else:
-            lines.append(f"{pad}{key}: {_yaml_scalar_text(value)}")
-    return lines
+_PolicyDumper.add_representer(str, _represent_str)
+_PolicyDumper.add_representer(list, _represent_list)
 
 
-_TOML_ESCAPE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")  # controls, and what editors show as breaks
+def _yaml_text(data: dict[str, Any]) -> str:
+    # yaml.safe_dump with our SafeDumper subclass (safe_dump itself takes no Dumper)
+    return yaml.dump(
+        data, Dumper=_PolicyDumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=math.inf
+    )
 
 
-def _toml_str(s: str) -> str:
-    if "\\" in s and "'" not in s and not _TOML_ESCAPE.search(s):
-        return "'" + s + "'"
-    out = []
-    for ch in s:
-        if ch in '\\"':
-            out.append("\\" + ch)
-        elif ch in "\b\t\n\f\r":
-            out.append({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}[ch])
-        elif _TOML_ESCAPE.match(ch):
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+def _toml_table(name: str, table: dict[str, Any], array: bool) -> str:
+    """``[[name]]`` (``array``) or ``[name]``, its keys and values as tomli_w writes them, then its
+    sub-tables as ``[name.key]``: the layout tomli_w itself uses for a table it does not inline."""
+    keys = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    text = "\n" + (f"[[{name}]]\n" if array else f"[{name}]\n") + tomli_w.dumps(keys)
+    for key, value in table.items():
+        if isinstance(value, dict):
+            text += _toml_table(f"{name}.{key}", value, array=False)
+    return text
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return _float_text(v, "inf", "nan")
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }" if v else "{}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")  # pragma: no cover
-
-
-def _toml_text(d: dict[str, Any]) -> str:
-    lines: list[str] = []
-    tables: list[tuple[str, list[dict[str, Any]]]] = []
-    for key, value in d.items():
-        if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, items in tables:
-        for item in items:
-            lines += ["", f"[[{key}]]"] + [f"{k} = {_toml_value(x)}" for k, x in item.items()]
-    return "\n".join(lines) + "\n"
+def _toml_text(data: dict[str, Any]) -> str:
+    """The root keys by tomli_w, then one ``[[rules]]`` table per rule. tomli_w alone would put short rules
+    inline, several keys on one line, and a rule's keys would lose the lines that messages point at."""
+    rules = data.get("rules")
+    as_tables = isinstance(rules, list) and bool(rules) and all(isinstance(r, dict) for r in rules)
+    root = {k: v for k, v in data.items() if not (k == "rules" and as_tables)}
+    tables = [_toml_table("rules", rule, array=True) for rule in rules] if as_tables else []
+    return tomli_w.dumps(root) + "".join(tables)
 
 
 def _format_for(path_or_format: str | Path) -> tuple[str, Path | None]:
@@ -181,7 +139,7 @@ def dump_policy(policy: Policy | dict[str, Any], path_or_format: str | Path, *, 
         policy = Policy.model_validate(policy)
     fmt, path = _format_for(path_or_format)
     data = _file_dict(policy, minimal)
-    text = "\n".join(_yaml_lines(data, 0)) + "\n" if fmt == "yaml" else _toml_text(data)
+    text = _yaml_text(data) if fmt == "yaml" else _toml_text(data)
     if path is not None:
         path.write_text(text, encoding="utf-8")
     return text

@@ -19,7 +19,7 @@ import yaml
 from graphlora.policy.key_paths import KeyPath
 from graphlora.policy.messages import Abort, Issues
 
-__all__ = ["StrictYamlLoader", "read_yaml"]
+__all__ = ["PLAIN_SCALAR_RESOLVERS", "StrictYamlLoader", "read_yaml"]
 
 
 class StrictYamlLoader(yaml.SafeLoader):
@@ -52,10 +52,17 @@ _YAML_FLOAT = re.compile(
     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
 )
 _YAML_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
-StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", _YAML_BOOL, list("tf"))
-StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", _YAML_INT, list("-+0123456789"))
-StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+.0123456789"))
-StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:null", _YAML_NULL, ["~", "n", "N", ""])
+
+#: How the strict reader types a plain (unquoted) scalar: (tag, pattern, possible first characters); any other
+#: plain scalar is a string. The writer quotes every string that these would read as something else.
+PLAIN_SCALAR_RESOLVERS = (
+    ("tag:yaml.org,2002:bool", _YAML_BOOL, list("tf")),
+    ("tag:yaml.org,2002:int", _YAML_INT, list("-+0123456789")),
+    ("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+.0123456789")),
+    ("tag:yaml.org,2002:null", _YAML_NULL, ["~", "n", "N", ""]),
+)
+for _tag, _pattern, _first in PLAIN_SCALAR_RESOLVERS:
+    StrictYamlLoader.add_implicit_resolver(_tag, _pattern, _first)
 
 _MAX_YAML_NODES = 100_000  # aliases can multiply a small file into a huge value
 
