@@ -20,8 +20,7 @@ from graphlora.errors import (
 )
 from graphlora.labels import Component, Role
 from graphlora.lora import Site, SkippedSite
-from graphlora.policy import Policy, Rule, RuleMatch
-from graphlora.policy_files import load_policy
+from graphlora.policy import Policy, Rule, RuleMatch, load_policy
 
 __version__ = "0.1.0"
 

@@ -216,7 +216,7 @@ def _saved_policy(directory: Path, metadata: dict[str, str]) -> "Policy | None":
     path = directory / POLICY_NAME
     if not path.is_file():
         return None
-    from graphlora.policy_files import parse_policy_text
+    from graphlora.policy import parse_policy_text
 
     text = path.read_text(encoding="utf-8")
     sha = metadata.get(META_POLICY_SHA)

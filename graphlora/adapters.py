@@ -494,7 +494,7 @@ def save_adapter(lora_model: "GraphLoraModel", directory: str | os.PathLike, ove
     ``task_type="auto"`` writes ``"CAUSAL_LM"`` for a model that can generate, else null. Existing adapter
     files are replaced only with ``overwrite=True``; other files in the directory are left alone.
     """
-    from graphlora.policy_files import dump_policy
+    from graphlora.policy import dump_policy
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

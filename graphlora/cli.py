@@ -38,7 +38,7 @@ def _sites_for(model_spec: str, policy_path: str):
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from graphlora.policy_files import load_policy_source
+    from graphlora.policy import load_policy_source
 
     source = load_policy_source(args.file)
     if args.model:
@@ -50,7 +50,7 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_diff(args: argparse.Namespace) -> int:
-    from graphlora.policy_files import format_site_diff
+    from graphlora.policy import format_site_diff
 
     before = _sites_for(args.model, args.a)
     after = _sites_for(args.model, args.b)
@@ -62,7 +62,7 @@ def _cmd_policy_diff(args: argparse.Namespace) -> int:
 def _cmd_policy_schema(args: argparse.Namespace) -> int:
     import json
 
-    from graphlora.policy_files import policy_json_schema
+    from graphlora.policy import policy_json_schema
 
     print(json.dumps(policy_json_schema(), indent=2))
     return 0

@@ -18,7 +18,7 @@ from graphlora.synthetic import caption_batches, caption_dataset
 def run_demo(model_spec: str = "llava", strategy: str = "language-only", steps: int = 12,
              lr: float = 1e-2, new_tokens: int = 6, seed: int = 0) -> dict:
     """Returns the losses and generated tokens (also printed)."""
-    from graphlora.policy_files import load_preset
+    from graphlora.policy import load_preset
 
     torch.manual_seed(seed)
     model, example_inputs = load_model_spec(model_spec)

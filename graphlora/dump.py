@@ -952,7 +952,7 @@ def _parse_formats(formats: str | Iterable[str] | None) -> tuple[str, ...]:
 def _resolve_policy(policy) -> tuple[Any, str]:
     """(policy for rewrite, label for the summary); a preset name stands for its file."""
     if isinstance(policy, str) and not Path(policy).exists():
-        from graphlora.policy_files import preset_names, preset_path
+        from graphlora.policy import preset_names, preset_path
 
         if policy in preset_names():
             return preset_path(policy), f"preset {policy}"

@@ -12,8 +12,7 @@ from graphlora import families
 from graphlora.errors import PolicyError
 from graphlora.mirror import mirror_module
 from graphlora.model import GraphLoraModel
-from graphlora.policy import Policy
-from graphlora.policy_files import as_policy
+from graphlora.policy import Policy, as_policy, load_policy_source
 from graphlora.quantized import check_no_quantized_layers
 
 
@@ -88,8 +87,6 @@ def rewrite(
     """
     source = None
     if isinstance(policy, (str, Path)):
-        from graphlora.policy_files import load_policy_source
-
         source = load_policy_source(policy)
         policy = source.policy
     policy = as_policy(policy)

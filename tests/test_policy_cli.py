@@ -1,5 +1,5 @@
-"""Issue 5: policy files applied to models: `graphlora policy check/diff/schema`, located rule errors,
-the recorded policy, and the "last 4 vision layers" recipe on two families."""
+"""Policy files applied to models: `graphlora policy check/diff/schema`, located rule errors, the
+recorded policy, and the "last 4 vision layers" recipe on two families."""
 
 import json
 import textwrap
@@ -68,7 +68,7 @@ def test_diff_lists_added_removed_and_changed(tmp_path, capsys):
 
 
 def test_schema_command_prints_the_shipped_schema(capsys):
-    from graphlora.policy_files import policy_json_schema
+    from graphlora.policy import policy_json_schema
 
     assert main(["policy", "schema"]) == 0
     assert json.loads(capsys.readouterr().out) == policy_json_schema()

@@ -14,15 +14,18 @@ from hypothesis import strategies as st
 
 from graphlora.errors import PolicyError
 from graphlora.labels import COMPONENTS, ROLES
-from graphlora.policy import Policy, Rule, RuleMatch
-from graphlora.policy_files import as_policy, load_policy
-from graphlora.policy_files import (
+from graphlora.policy import (
     SCHEMA_PATH,
+    Policy,
     PolicyFileError,
+    Rule,
+    RuleMatch,
     TomlLineScanner,
+    as_policy,
     dump_policy,
     format_key_path,
     format_site_diff,
+    load_policy,
     load_policy_file,
     load_policy_source,
     load_preset,
@@ -545,8 +548,10 @@ def test_dump_yaml_is_readable():
         vision_layers = "-4:"
 
         [[rules]]
-        match = { component = "vision" }
         r = 32
+
+        [rules.match]
+        component = "vision"
         """
     )
 
@@ -556,7 +561,7 @@ def test_dump_yaml_is_readable():
 # ---------------------------------------------------------------------------------------------------
 def test_shipped_schema_is_up_to_date(tmp_path):
     shipped = json.loads(SCHEMA_PATH.read_text())
-    assert shipped == policy_json_schema(), "run: python -m graphlora.policy_files"
+    assert shipped == policy_json_schema(), "run: python -m graphlora.policy"
     out = write_policy_schema(tmp_path / "s.json")
     assert out.read_text() == SCHEMA_PATH.read_text()
 

@@ -5,7 +5,7 @@ the :class:`graphlora.policy.Policy`. Writes: a :class:`graphlora.labels.SiteDec
 labelled node, whose ``reason`` names the flag, key or rule that decided. Guarantees: at least one
 node is targeted (else :class:`NoSitesSelectedError` naming the flags that excluded everything);
 every rule matched at least one LoRA site (a rule with ``target`` set: at least one linear) unless
-it says ``allow_unmatched`` (else :class:`PolicyError` with the rule's key path). Semantics: see the docstring of graphlora/policy.py.
+it says ``allow_unmatched`` (else :class:`PolicyError` with the rule's key path). Semantics: see the docstring of graphlora/policy/schema.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""The LoRA policy: which linears of a VLM get LoRA, with which hyper-parameters.
+"""The LoRA policy schema: the pydantic models :class:`Policy`, :class:`Rule` and :class:`RuleMatch`.
+
+Reads nothing and writes nothing: these models validate a policy's values (strict types, no unknown keys,
+frozen instances) whether they come from Python, a YAML or TOML file (``graphlora.policy.source``) or a
+saved adapter. A policy says which linears of a VLM get LoRA, with which hyper-parameters. A policy file
+holds the Policy fields plus the two :data:`FILE_KEYS` (``version``, at most :data:`SUPPORTED_VERSION`,
+and ``extends``).
 
 The field names and defaults are Unsloth's ``FastVisionModel.get_peft_model`` vocabulary (``r=16``,
 ``lora_alpha=16``, ``lora_dropout=0``, ``finetune_*_layers/modules``, ``random_state=3407``), plus what
@@ -30,6 +36,12 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from graphlora.labels import COMPONENTS, ROLES
+
+#: The newest policy file version this graphlora reads (and the one it writes).
+SUPPORTED_VERSION = 1
+
+#: The keys of a policy file that are not :class:`Policy` fields.
+FILE_KEYS = ("version", "extends")
 
 # A layer selection: explicit positions, or a Python-style slice over the tower's blocks ("-4:", ":8:2").
 LayerSelection = Union[list[int], str]
