@@ -34,7 +34,7 @@ from graphlora.planner import Planner, RegionInfo, TraceMode
 from graphlora.policy import Policy
 from graphlora.grad_check import DeadSiteMonitor
 from graphlora.runtime import Runtime, TraceRecord, forced_kwargs
-from graphlora.trace import Program, text_length
+from graphlora.trace import Program, ProgramVariant, text_length
 from graphlora.verify import Verification
 
 
@@ -422,7 +422,7 @@ class GraphLoraModel(torch.nn.Module):
         """
         from graphlora.report import ExplainRow, explain_program
 
-        program = next((p for k, p in self.runtime.whole.programs() if k.variant == "lora"), None)
+        program = next((p for k, p in self.runtime.whole.programs() if k.variant == ProgramVariant.LORA), None)
         if self.trace_mode == "whole" and program is not None:
             rows = explain_program(program)
         else:
@@ -457,7 +457,7 @@ class GraphLoraModel(torch.nn.Module):
         out = {}
         for block_class in self.block_classes():
             cache = self.runtime.block_caches.get(block_class.name)
-            programs = [p for k, p in cache.programs() if k.variant == "lora"] if cache is not None else []
+            programs = [p for k, p in cache.programs() if k.variant == ProgramVariant.LORA] if cache is not None else []
             if programs:
                 out[block_class.name] = programs[-1]
         return out
@@ -489,18 +489,18 @@ def fusion_report(lora_model: "GraphLoraModel") -> dict[str, dict]:
     runtime = lora_model.runtime
     if lora_model.trace_mode == TraceMode.WHOLE:
         for key, program in reversed(runtime.whole.programs()):
-            if key.variant == "lora":
+            if key.variant == ProgramVariant.LORA:
                 return dict(graph_meta(program.graph_module).fusion)
         return {}
     report: dict[str, dict] = {}
     for cache in runtime.region_caches.values():
         for key, program in cache.programs():
-            if key.variant == "lora":
+            if key.variant == ProgramVariant.LORA:
                 report.update(graph_meta(program.graph_module).fusion)
     served: dict[str, dict] = {}
     for block_class in {id(c): c for c in runtime.block_class_of.values()}.values():
         cache = runtime.block_caches.get(block_class.name)
-        programs = [p for k, p in cache.programs() if k.variant == "lora"] if cache is not None else []
+        programs = [p for k, p in cache.programs() if k.variant == ProgramVariant.LORA] if cache is not None else []
         if not programs:
             continue
         entries = graph_meta(programs[-1].graph_module).fusion

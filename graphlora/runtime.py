@@ -38,6 +38,7 @@ from graphlora.trace import (
     FORCED_KWARGS,
     CallKey,
     Program,
+    ProgramVariant,
     autocast_state,
     export_call,
     make_call_key,
@@ -157,7 +158,7 @@ def _key_changes(key: CallKey, other: CallKey) -> list[str]:
     if key.training != other.training:
         changes.append("train mode" if key.training else "eval mode")
     if key.variant != other.variant:
-        changes.append("adapters disabled" if key.variant == "base" else "adapters enabled")
+        changes.append("adapters disabled" if key.variant == ProgramVariant.BASE else "adapters enabled")
     added, removed = set(key.tensor_names) - set(other.tensor_names), set(other.tensor_names) - set(key.tensor_names)
     if added:
         changes.append("new tensor inputs " + ", ".join(sorted(added)))
@@ -180,7 +181,7 @@ def _key_changes(key: CallKey, other: CallKey) -> list[str]:
 _SIGNATURES: dict[type, inspect.Signature] = {}
 
 
-def call_signature(call: dict[str, Any], training: bool, variant: str) -> tuple | None:
+def call_signature(call: dict[str, Any], training: bool, variant: ProgramVariant) -> tuple | None:
     """A cheap exact fingerprint of a block call's structure (not its sizes), or None when it has values other
     than tensors, non-empty tuples of tensors, None and plain scalars.
 
@@ -398,8 +399,8 @@ class Runtime:
                 for name, spec in branches.items() if spec.a_fqn.startswith(prefix)}
 
     @property
-    def variant(self) -> str:
-        return "lora" if self.owner.adapters_enabled else "base"
+    def variant(self) -> ProgramVariant:
+        return ProgramVariant.LORA if self.owner.adapters_enabled else ProgramVariant.BASE
 
     # -- building ------------------------------------------------------------------------------
     def build(self, tensors: dict[str, Any], constants: dict[str, Any], key: CallKey, path: str = "",
@@ -433,7 +434,7 @@ class Runtime:
         records = self.pipeline.run(passes, gm)
         if self.on_analysed is not None:
             self.on_analysed(program, path)
-        if key.variant == "lora":
+        if key.variant == ProgramVariant.LORA:
             refused = frozenset(s.name for s in self.owner.skipped_sites)
             live = self.owner if not path else self.owner.get_submodule(path)
             autocast_on = any(enabled for _, enabled, _ in key.autocast)

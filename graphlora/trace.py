@@ -79,6 +79,16 @@ def autocast_state() -> tuple:
     return tuple(state)
 
 
+class ProgramVariant(str, enum.Enum):
+    """Which program a call runs: with the LoRA branches, or the base model (adapters disabled)."""
+
+    LORA = "lora"
+    BASE = "base"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclasses.dataclass(frozen=True)
 class CallKey:
     """Everything a trace specialises on except tensor shapes."""
@@ -88,7 +98,7 @@ class CallKey:
     constants: tuple[tuple[str, Any], ...]
     training: bool
     autocast: tuple
-    variant: str = "lora"  # "lora" or "base" (adapters disabled)
+    variant: ProgramVariant = ProgramVariant.LORA
 
 
 def split_call(kwargs: dict[str, Any], keep_none: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:

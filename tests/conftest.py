@@ -3,6 +3,11 @@
 * Triton kernels run under the interpreter on machines without CUDA: TRITON_INTERPRET must be set
   before triton is imported, so it is set here, first.
 * Tests marked ``slow`` run when ``CI=true`` (as in ``make test`` on CI) or with ``--runslow``.
+* The family matrix: a test parametrised over zoo families (a ``family`` or ``name`` parameter whose
+  value is a zoo family) runs for :data:`CORE_FAMILIES` by default and for every family when slow
+  tests run. The core families cover the structures the others combine: a plain projector (LLaVA),
+  packed vision tokens with a grid prologue (Qwen2-VL), cross-attention layers (Mllama), Gemma 3's
+  mixed attention, Idefics3's pixel shuffle and tiles, and mixture-of-experts blocks (Llama 4).
 """
 
 import os
@@ -27,7 +32,24 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
 
+CORE_FAMILIES = frozenset({"llava", "qwen2_vl", "mllama", "gemma3", "idefics3", "llama4"})
+#: Parameter names that carry a zoo family in the parametrised tests.
+_FAMILY_PARAMS = ("family", "name")
+
+
+def _outside_core(item, families: frozenset[str]) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(params.get(key), str) and params[key] in families and params[key] not in CORE_FAMILIES
+               for key in _FAMILY_PARAMS)
+
+
 def pytest_collection_modifyitems(config, items):
+    from graphlora import zoo
+
+    families = frozenset(zoo.tiny_model_names())
+    for item in items:
+        if _outside_core(item, families):
+            item.add_marker(pytest.mark.slow)
     if config.getoption("--runslow") or os.environ.get("CI") == "true":
         return
     skip_slow = pytest.mark.skip(reason="slow: runs with CI=true or --runslow")
