@@ -6,6 +6,7 @@ import collections
 import dataclasses
 
 from graphlora.labels import COMPONENTS, get_decision, labelled_nodes
+from graphlora.text_table import format_table
 from graphlora.trace import Program
 
 
@@ -62,11 +63,7 @@ def format_explain(rows: list[ExplainRow]) -> str:
             "-" if row.r is None else str(row.r),
             "-" if row.alpha is None else f"{row.alpha:g}",
         ) + ((row.names_say or "-",) if disagree else ()) + (row.reason,))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
-    lines = []
-    for r in table:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
-    return "\n".join(lines)
+    return "\n".join(format_table(table, pad_last=False))
 
 
 def component_table(lora_model) -> str:
@@ -86,8 +83,7 @@ def component_table(lora_model) -> str:
             table.append((comp, str(linears[comp]), str(sites[comp]), str(skipped[comp]), f"{lora_params[comp]:,}"))
     table.append(("total", str(sum(linears.values())), str(len(lora_model.sites)),
                   str(len(lora_model.skipped_sites)), f"{sum(lora_params.values()):,}"))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
+    lines = format_table(table, align="l" + "r" * (len(header) - 1))
     trainable, total = lora_model.trainable_parameters()
     lines.append(f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.2f}%)")
     return "\n".join(lines)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
+from graphlora.text_table import format_table
+
 __all__ = ["format_site_diff"]
 
 _SITE_FIELDS = ("name", "component", "role", "layer", "r", "alpha")
@@ -72,15 +74,13 @@ def format_site_diff(before: Iterable[Any], after: Iterable[Any], labels: tuple[
             rows.append(("~", b, " ".join(changes)))
     if not rows:
         return ""
-    widths = [max(len(str(row[1][k] if row[1][k] is not None else "-")) for row in rows) for k in _SITE_FIELDS[:3]]
     added = sum(1 for r in rows if r[0] == "+")
     removed = sum(1 for r in rows if r[0] == "-")
     changed = len(rows) - added - removed
     out = [f"--- {labels[0]}: {len(old)} sites", f"+++ {labels[1]}: {len(new)} sites"]
-    for mark, rec, settings in rows:
-        cols = [str(rec[k]) if rec[k] is not None else "-" for k in _SITE_FIELDS[:3]]
+    columns = format_table([[str(rec[k]) if rec[k] is not None else "-" for k in _SITE_FIELDS[:3]] for _, rec, _ in rows])
+    for (mark, rec, settings), text in zip(rows, columns):
         layer = "-" if rec["layer"] is None else str(rec["layer"])
-        text = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
         out.append(f"{mark} {text}  layer {layer.ljust(3)} {settings}".rstrip())
     out.append(f"{added} added, {removed} removed, {changed} changed")
     return "\n".join(out) + "\n"
