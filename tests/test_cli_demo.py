@@ -1,4 +1,4 @@
-"""Issue 2, acceptance 1: the main job prints the site table, a falling loss and generated tokens;
+"""The main job prints the site table, a falling loss and generated tokens;
 MODEL SPEC resolves each of its three forms."""
 
 import json

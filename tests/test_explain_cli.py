@@ -1,4 +1,4 @@
-"""Issue 4: ``graphlora explain MODEL --policy FILE`` and docs/explain.md.
+"""``graphlora explain MODEL --policy FILE`` and docs/explain.md.
 
 The command runs in-process (``graphlora.cli.main``) on the built-in tiny LLaVA with the policy shown in
 docs/explain.md; the table it prints is checked (header, some rows exactly, a reason on every row) and

@@ -1,4 +1,4 @@
-"""What every newly supported family must show (issue 14): the three strategies, equality at initialisation,
+"""What every newly supported family must show: the three strategies, equality at initialisation,
 training, and a PEFT round trip with equal outputs, on one tiny model per family.
 
 The selections are checked against the family's hand-written label truth (tests/label_truth.py): a strategy
@@ -23,7 +23,7 @@ from graphlora.errors import PeftConversionWarning
 from helpers import set_random_lora, train_and_check_grads
 from label_truth import EXPECTED
 
-#: Families added to the zoo by issue 14 (a family added later joins this list); listed before they land.
+#: Families added after the first zoo (a family added later joins this list); listed before they land.
 NEW_FAMILIES = ("llava_onevision", "cohere2_vision", "deepseek_vl", "idefics2", "got_ocr2", "ovis2", "lfm2_vl", "janus")
 FAMILIES = [name for name in NEW_FAMILIES if name in zoo.tiny_model_names()]
 

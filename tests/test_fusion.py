@@ -1,4 +1,4 @@
-"""Issue 6: the fusion pass on real models: every selected site fused (or listed with a reason),
+"""The fusion pass on real models: every selected site fused (or listed with a reason),
 numerics equal to the unfused graph and to an eager W + s B A copy, forward and backward;
 torch.compile of the fused model on CPU."""
 

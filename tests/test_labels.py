@@ -1,4 +1,4 @@
-"""Issue 4: labels from graph structure, checked against labels written out by hand.
+"""Labels from graph structure, checked against labels written out by hand.
 
 The expected component and role of every trainable matmul of every fixture family were derived by
 reading each family's transformers modeling code (what the linear computes and where its output

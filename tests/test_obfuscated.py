@@ -1,4 +1,4 @@
-"""Issue 4: labels come from graph structure, not names.
+"""Labels come from graph structure, not names.
 
 A small self-contained VLM (a ViT with attention + MLP blocks, a 2-layer projector, a Llama-style
 decoder, a causal-LM head) is built twice with the same weights: once with the usual transformers

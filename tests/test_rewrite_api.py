@@ -1,4 +1,4 @@
-"""Issue 2: the GraphLoraModel contract on the tiny LLaVA (numerics, calls, modes, copies, PEFT parity)."""
+"""The GraphLoraModel contract on the tiny LLaVA (numerics, calls, modes, copies, PEFT parity)."""
 
 import copy
 import inspect

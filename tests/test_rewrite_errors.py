@@ -1,4 +1,4 @@
-"""Issue 2, acceptance 5: errors that name what and where."""
+"""Errors that name what and where."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Issue 2, acceptance 2: each fixture family x each of the seed's three strategies.
+"""Each fixture family x each of the seed's three strategies.
 
 Sites equal lists written out here; outputs at initialisation equal the original model's; training
 lowers the loss; every site's lora_B receives a gradient; no base parameter requires grad; the programs

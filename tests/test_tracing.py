@@ -1,4 +1,4 @@
-"""Issue 3: every family traces (whole, prologue or regional) without example inputs, equals eager, trains;
+"""Every family traces (whole, prologue or regional) without example inputs, equals eager, trains;
 Qwen-VL images of different grids and numbers; verification catches a trace that differs from eager;
 trace counts stay bounded; docs/models.md matches what the code does."""
 
