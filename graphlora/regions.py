@@ -57,9 +57,24 @@ def capture_calls(root: torch.nn.Module, call: dict[str, Any], only=None) -> dic
     return captured
 
 
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def forward_signature(cls: type) -> inspect.Signature:
+    """``inspect.signature(cls.forward)``, computed once per class (it is on every call's path)."""
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
+    return sig
+
+
 def call_as_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Bind a call's positional arguments to the names of the module's (class) forward."""
-    sig = inspect.signature(type(module).forward)
+    cls = type(module)
+    sig = forward_signature(cls)
+    if not args:
+        if not any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()):
+            return dict(kwargs)
     bound = sig.bind_partial(module, *args, **kwargs)
     out: dict[str, Any] = {}
     for name, value in list(bound.arguments.items())[1:]:  # drop self
@@ -68,7 +83,7 @@ def call_as_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
             out.update(value)
         elif kind == inspect.Parameter.VAR_POSITIONAL:
             if value:
-                raise TypeError(f"{type(module).__name__}.forward takes *args; cannot trace it as a region")
+                raise TypeError(f"{cls.__name__}.forward takes *args; cannot trace it as a region")
         else:
             out[name] = value
     return out

@@ -34,6 +34,7 @@ from graphlora.lora import eager_lora_hooks
 from graphlora.pass_manager import PassRecord
 from graphlora.name_rules import WRAPPER_PREFIX
 from graphlora.pipeline import EXPORT_STAGE, Pipeline
+from graphlora.regions import call_as_kwargs, forward_signature
 from graphlora.trace import (
     FORCED_KWARGS,
     CallKey,
@@ -178,8 +179,6 @@ def _key_changes(key: CallKey, other: CallKey) -> list[str]:
     return changes
 
 
-_SIGNATURES: dict[type, inspect.Signature] = {}
-
 
 def call_signature(call: dict[str, Any], training: bool, variant: ProgramVariant) -> tuple | None:
     """A cheap exact fingerprint of a block call's structure (not its sizes), or None when it has values other
@@ -267,36 +266,15 @@ def mask_rule(block: torch.nn.Module) -> MaskRule | None:
     return MaskRule(causal, implementation == "eager")
 
 
-def bind_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """A call's arguments by the names of the module's (class) ``forward`` parameters."""
-    cls = type(module)
-    sig = _SIGNATURES.get(cls)
-    if sig is None:
-        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
-    if not args:
-        if not any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()):
-            return dict(kwargs)
-    bound = sig.bind_partial(module, *args, **kwargs)
-    out: dict[str, Any] = {}
-    for name, value in list(bound.arguments.items())[1:]:  # drop self
-        kind = sig.parameters[name].kind
-        if kind == inspect.Parameter.VAR_KEYWORD:
-            out.update(value)
-        elif kind == inspect.Parameter.VAR_POSITIONAL:
-            if value:
-                raise TypeError(f"{cls.__name__}.forward takes *args; cannot trace it as a region")
-        else:
-            out[name] = value
-    return out
+#: A call's arguments by the names of the module's (class) ``forward`` parameters.
+bind_call = call_as_kwargs
 
 
 def forced_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     """:data:`FORCED_KWARGS` that ``model``'s forward accepts."""
     forward = model.forward
     if inspect.ismethod(forward) and forward.__func__ is type(model).forward:
-        sig = _SIGNATURES.get(type(model))
-        if sig is None:
-            sig = _SIGNATURES[type(model)] = inspect.signature(type(model).forward)
+        sig = forward_signature(type(model))
         params = dict(list(sig.parameters.items())[1:])  # drop self
     else:
         params = inspect.signature(forward).parameters
@@ -508,10 +486,14 @@ class Runtime:
 
     def run_region(self, path: str, args: tuple, kwargs: dict):
         """A call of a traced region (installed as its ``forward`` by :class:`RegionRunner`)."""
+        return self._run_unit(path, args, kwargs, self.region_program)
+
+    def _run_unit(self, path: str, args: tuple, kwargs: dict, program_for):
+        """Serve a call of a region or block with the program ``program_for(path, module, call)`` gives."""
         module = self.owner.mirror.get_submodule(path)
         try:
             call = bind_call(module, args, kwargs)
-            program, flat = self.region_program(path, module, call)
+            program, flat = program_for(path, module, call)
         except GraphLoraError:
             # Untraceable arguments (a KV-cache object during generation ...): run this call eagerly.
             return self._eager_with_lora(path, module, args, kwargs)
@@ -586,13 +568,7 @@ class Runtime:
 
     def run_block(self, path: str, args: tuple, kwargs: dict):
         """A call of a block (installed as its ``forward`` by :class:`BlockRunner`)."""
-        module = self.owner.mirror.get_submodule(path)
-        try:
-            call = bind_call(module, args, kwargs)
-            program, flat = self.block_program(path, module, call)
-        except GraphLoraError:
-            return self._eager_with_lora(path, module, args, kwargs)
-        return self._call_program(module, program, flat)
+        return self._run_unit(path, args, kwargs, self.block_program)
 
 
 class RegionRunner:

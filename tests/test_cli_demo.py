@@ -1,7 +1,6 @@
 """The main job prints the site table, a falling loss and generated tokens;
 MODEL SPEC resolves each of its three forms."""
 
-import json
 import re
 import subprocess
 import sys
