@@ -30,12 +30,9 @@ from graphlora.structure import IMAGE, input_modality
 _IMAGE_PATH = frozenset({Component.VISION.value, Component.PROJECTOR.value, Component.CROSS_ATTENTION.value})
 
 
-class GradientFault(str, enum.Enum):
+class GradientFault(enum.StrEnum):
     NONE = "no gradient"
     ZERO = "an all-zero gradient"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclasses.dataclass(frozen=True)

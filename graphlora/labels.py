@@ -19,13 +19,13 @@ The vocabulary is fixed (renaming breaks policy files and saved reports):
 from __future__ import annotations
 
 import dataclasses
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch.fx
 
 
-class Component(str, Enum):
+class Component(StrEnum):
     VISION = "vision"
     PROJECTOR = "projector"
     CROSS_ATTENTION = "cross_attention"
@@ -33,11 +33,8 @@ class Component(str, Enum):
     HEAD = "head"
     OTHER = "other"
 
-    def __str__(self) -> str:  # "vision", not "Component.VISION"
-        return self.value
 
-
-class Role(str, Enum):
+class Role(StrEnum):
     ATTN_Q = "attn.q"
     ATTN_K = "attn.k"
     ATTN_V = "attn.v"
@@ -48,9 +45,6 @@ class Role(str, Enum):
     MLP_GATE_UP = "mlp.gate_up"
     MLP_DOWN = "mlp.down"
     OTHER = "other"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def is_attention(self) -> bool:
@@ -99,7 +93,7 @@ FUSED_STEP = "fused"
 PARAM_STEP = "param_lora"
 
 
-class MatmulKind(str, Enum):
+class MatmulKind(StrEnum):
     """Kinds of trainable matmul (``NodeLabels.kind``)."""
 
     LINEAR = "linear"  # an nn.Linear call: the site is the module
@@ -108,11 +102,8 @@ class MatmulKind(str, Enum):
     EXPERT_MATMUL = "expert_matmul"  # a batched matmul on a 3-D (experts, in, out) parameter
     PARAM_SLICE = "param_slice"  # a matmul on a slice of a packed 2-D parameter (MultiheadAttention's in_proj)
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class SkipCause(str, Enum):
+class SkipCause(StrEnum):
     """Why a site the policy chose was not adapted (:class:`graphlora.lora.SkippedSite.cause`)."""
 
     UNREACHABLE = "unreachable"  # its output never reaches the loss (or logits): it gets no gradient
@@ -120,9 +111,6 @@ class SkipCause(str, Enum):
     EXPERT_DROPOUT = "expert_dropout"  # dropout asked for an expert parameter's LoRA (added to the weight)
     REFUSED = "refused"  # the LoRA matrices could not be attached (the message says why)
     EAGER_GLUE = "eager_glue"  # a raw parameter in the eager code between traced regions
-
-    def __str__(self) -> str:
-        return self.value
 
 
 MATMUL_KINDS: tuple[str, ...] = tuple(k.value for k in MatmulKind)
@@ -292,16 +280,13 @@ def labelled_nodes(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, NodeLabel
 # ---------------------------------------------------------------------------------------------
 # Graph-level facts (one GraphMeta under graph_module.meta["graphlora"])
 # ---------------------------------------------------------------------------------------------
-class PlaceholderKind(str, Enum):
+class PlaceholderKind(StrEnum):
     """What feeds a placeholder of a traced program."""
 
     PARAM = "param"
     BUFFER = "buffer"
     CONSTANT = "constant"
     USER = "user"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclasses.dataclass

@@ -79,14 +79,11 @@ def autocast_state() -> tuple:
     return tuple(state)
 
 
-class ProgramVariant(str, enum.Enum):
+class ProgramVariant(enum.StrEnum):
     """Which program a call runs: with the LoRA branches, or the base model (adapters disabled)."""
 
     LORA = "lora"
     BASE = "base"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclasses.dataclass(frozen=True)
