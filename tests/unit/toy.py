@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
-from graphlora.labels import graph_meta, labelled_nodes
+from graphlora.labels import Component, MatmulKind, NodeLabels, Role, graph_meta, labelled_nodes
 from graphlora.lora import attach_lora
 from graphlora.name_rules import WRAPPER_PREFIX
 from graphlora.pass_manager import PassManager, PassRecord
@@ -345,3 +345,31 @@ def merged_model(toy: Toy, branches: dict[str, BranchSpec]) -> nn.Module:
             else:
                 merged.get_submodule(site).weight.add_(delta)
     return merged
+
+
+#: The role each linear of the toy's blocks plays, by its attribute name (the toy's own wiring).
+BLOCK_ROLES = {"q_proj": Role.ATTN_Q, "k_proj": Role.ATTN_K, "v_proj": Role.ATTN_V, "o_proj": Role.ATTN_O,
+               "gate_proj": Role.MLP_GATE, "up_proj": Role.MLP_UP, "down_proj": Role.MLP_DOWN}
+
+
+def expected_labels(toy: Toy) -> dict[str, NodeLabels]:
+    """The labels the toy's construction implies for each trainable matmul: blocks of the vision tower and of the
+    language model by their position, the projector, the head."""
+    cfg = toy.cfg
+    out: dict[str, NodeLabels] = {}
+    for tower, component, n in ((cfg.vision_name, Component.VISION, cfg.vision_layers),
+                                ("language_model", Component.LANGUAGE, cfg.language_layers)):
+        for layer in range(n):
+            for path, module in toy.model.get_submodule(f"{tower}.layers.{layer}").named_modules():
+                if isinstance(module, nn.Linear):
+                    site = f"{tower}.layers.{layer}.{path}"
+                    out[site] = NodeLabels(component, BLOCK_ROLES[path.rsplit(".", 1)[-1]], layer, site,
+                                           MatmulKind.LINEAR, site + ".weight")
+    if cfg.raw_projector:
+        out["mm_input_projection_weight"] = NodeLabels(Component.PROJECTOR, Role.OTHER, None, "mm_input_projection_weight",
+                                                       MatmulKind.PARAM_MATMUL, "mm_input_projection_weight")
+    else:
+        out["multi_modal_projector"] = NodeLabels(Component.PROJECTOR, Role.OTHER, None, "multi_modal_projector",
+                                                  MatmulKind.LINEAR, "multi_modal_projector.weight")
+    out["lm_head"] = NodeLabels(Component.HEAD, Role.OTHER, None, "lm_head", MatmulKind.LINEAR, "lm_head.weight")
+    return out
