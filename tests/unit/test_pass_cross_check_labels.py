@@ -44,7 +44,7 @@ def test_neutral_tower_names_are_reported_not_applied(make_toy):
 def test_a_raw_parameter_is_checked_by_its_parameter_name(make_toy):
     """``x @ mm_input_projection_weight`` on the model itself: no tower or projector word in the path, so the names
     say ``other`` where the dataflow says projector."""
-    toy = make_toy(raw_projector=True)
+    toy = make_toy(projector="matmul")
     run_analysis(toy, ["label_by_structure", "cross_check_labels"])
     [entry] = graph_meta(toy.gm).label_check["disagreements"]
     assert entry == {"site": "mm_input_projection_weight", "structure": ["projector", "other"],

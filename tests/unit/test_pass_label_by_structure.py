@@ -11,7 +11,8 @@ VARIANTS = {
     "default": {},
     "three vision layers": {"vision_layers": 3},
     "neutral vision names": {"vision_name": "encoder", "vision_class": "Encoder"},
-    "raw projector": {"raw_projector": True},
+    "x @ W projector": {"projector": "matmul"},
+    "F.linear projector": {"projector": "functional"},
     "packed vision attention": {"packed_vision": True},
 }
 

@@ -7,7 +7,7 @@ module names are the ones the name rules know (``vision_tower``, ``multi_modal_p
 ``language_model``, ``lm_head``), unless a test renames the vision tower.
 
 :class:`ToyConfig` switches on the variants some passes need: the projector reading an earlier vision layer
-(the last vision block then reaches no loss), a raw-parameter projector (``x @ W``), packed vision attention
+(the last vision block then reaches no loss), a raw-parameter projector (``x @ W`` or ``F.linear(x, W)``), packed vision attention
 through ``graphlora::segment_attention``, a ``.float()`` on the logits that export records as a dtype assert.
 
 :func:`export_toy` exports through graphlora's own tracer (``graphlora.trace.export_call`` and
@@ -54,8 +54,9 @@ class ToyConfig:
     vision_class: str = "VisionTower"
     #: which vision block's output the projector reads (-2: the last block reaches only an extra output)
     feature_layer: int = -1
-    #: the projector is a raw parameter used as ``x @ W`` instead of an nn.Linear
-    raw_projector: bool = False
+    #: the projector: an nn.Linear ("linear"), a raw [in, out] parameter used as ``x @ W`` ("matmul"), or a raw
+    #: [out, in] parameter used as ``F.linear(x, W)`` ("functional")
+    projector: str = "linear"
     #: vision attention through graphlora::segment_attention over a packed sequence (batch 1, cu_seqlens input)
     packed_vision: bool = False
     #: with packed_vision: also return the last vision block's log-sum-exp
@@ -144,8 +145,10 @@ class ToyVLM(nn.Module):
         self.cfg = cfg
         tower_class = VisionTower if cfg.vision_class == "VisionTower" else type(cfg.vision_class, (VisionTower,), {})
         self.add_module(cfg.vision_name, tower_class(cfg))
-        if cfg.raw_projector:
-            self.mm_input_projection_weight = nn.Parameter(torch.randn(cfg.width, cfg.width))  # [in, out]
+        if cfg.projector == "matmul":
+            self.mm_input_projection_weight = nn.Parameter(torch.randn(cfg.width, cfg.width) * 0.3)  # [in, out]
+        elif cfg.projector == "functional":
+            self.mm_projector_weight = nn.Parameter(torch.randn(cfg.width, cfg.width) * 0.3)  # [out, in]
         else:
             self.multi_modal_projector = nn.Linear(cfg.width, cfg.width)
         self.language_model = LanguageModel(cfg)
@@ -158,8 +161,10 @@ class ToyVLM(nn.Module):
         cfg = self.cfg
         states, lse = getattr(self, cfg.vision_name)(pixel_values, cu_seqlens)
         features = states[cfg.feature_layer]
-        if cfg.raw_projector:
+        if cfg.projector == "matmul":
             image = features @ self.mm_input_projection_weight
+        elif cfg.projector == "functional":
+            image = F.linear(features, self.mm_projector_weight)
         else:
             image = self.multi_modal_projector(features)
         if image.shape[0] != input_ids.shape[0]:  # packed images: the one packed sequence serves each sample
@@ -208,7 +213,8 @@ def example_inputs(cfg: ToyConfig = ToyConfig()) -> dict[str, torch.Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def _exported(cfg: ToyConfig) -> torch.export.ExportedProgram:
-    return export_call(build_model(cfg), example_inputs(cfg), {})
+    # Static shapes: the passes read no symbolic size, and a dynamic text length doubles the export time.
+    return export_call(build_model(cfg), example_inputs(cfg), {}, dynamic=False)
 
 
 @dataclasses.dataclass
@@ -365,9 +371,11 @@ def expected_labels(toy: Toy) -> dict[str, NodeLabels]:
                     site = f"{tower}.layers.{layer}.{path}"
                     out[site] = NodeLabels(component, BLOCK_ROLES[path.rsplit(".", 1)[-1]], layer, site,
                                            MatmulKind.LINEAR, site + ".weight")
-    if cfg.raw_projector:
-        out["mm_input_projection_weight"] = NodeLabels(Component.PROJECTOR, Role.OTHER, None, "mm_input_projection_weight",
-                                                       MatmulKind.PARAM_MATMUL, "mm_input_projection_weight")
+    raw = {"matmul": ("mm_input_projection_weight", MatmulKind.PARAM_MATMUL),
+           "functional": ("mm_projector_weight", MatmulKind.PARAM_LINEAR)}
+    if cfg.projector in raw:
+        name, kind = raw[cfg.projector]
+        out[name] = NodeLabels(Component.PROJECTOR, Role.OTHER, None, name, kind, name)
     else:
         out["multi_modal_projector"] = NodeLabels(Component.PROJECTOR, Role.OTHER, None, "multi_modal_projector",
                                                   MatmulKind.LINEAR, "multi_modal_projector.weight")
