@@ -313,9 +313,11 @@ def prepare_transform(toy: Toy, policy: Policy | dict | None = None, random_b: b
 
 
 def transform_passes(toy: Toy, branches: dict[str, BranchSpec], policy: Policy | dict | None = None,
-                     training: bool = False, fuse: bool | str = True, autocast: bool = False) -> list:
+                     training: bool = False, fuse: bool | str = True, autocast: bool = False,
+                     refused: frozenset[str] = frozenset()) -> list:
+    """The pipeline's transform list for the toy's program (insert, then fuse unless ``fuse`` is False), on CPU."""
     return Pipeline(policy_of(policy), fuse=fuse).transform(toy.program, branches, toy.model, training,
-                                                            frozenset(), autocast, "cpu")
+                                                            refused, autocast, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
