@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
-from graphlora.labels import Component, MatmulKind, NodeLabels, Role, graph_meta, labelled_nodes
+from graphlora.labels import Component, MatmulKind, NodeLabels, Role, get_decision, graph_meta, labelled_nodes
 from graphlora.lora import attach_lora
 from graphlora.name_rules import WRAPPER_PREFIX
 from graphlora.pass_manager import PassManager, PassRecord
@@ -383,3 +383,36 @@ def expected_labels(toy: Toy) -> dict[str, NodeLabels]:
                                                   MatmulKind.LINEAR, "multi_modal_projector.weight")
     out["lm_head"] = NodeLabels(Component.HEAD, Role.OTHER, None, "lm_head", MatmulKind.LINEAR, "lm_head.weight")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Regions: one block exported alone, labelled from the whole model's tables
+# ---------------------------------------------------------------------------------------------
+def block_input(toy: Toy, path: str) -> torch.Tensor:
+    """The hidden states the block at ``path`` receives in an eager run of the toy on its example inputs."""
+    seen = []
+    handle = toy.model.get_submodule(path).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            toy.model(**toy.inputs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def export_region(toy: Toy, path: str) -> Toy:
+    """The block at ``path`` exported alone (as the runtime exports a region or block class)."""
+    inputs = {"hidden_states": block_input(toy, path)}
+    ep = export_call(toy.model.get_submodule(path), inputs, {}, dynamic=False, class_forward=True)
+    return Toy(toy.cfg, toy.model, Program.from_exported(ep, ("hidden_states",)), inputs)
+
+
+def site_tables(gm: torch.fx.GraphModule) -> tuple[dict[str, NodeLabels], dict[str, Any], dict[str, int]]:
+    """(labels, decisions, towers) by site from an analysed whole-model graph, as the planner keeps them."""
+    labels, decisions = {}, {}
+    for node, lab in labelled_nodes(gm.graph):
+        labels.setdefault(lab.module, lab)
+        decision = get_decision(node)
+        if decision is not None and (decision.targeted or lab.module not in decisions):
+            decisions[lab.module] = decision
+    return labels, decisions, dict(graph_meta(gm).towers)
