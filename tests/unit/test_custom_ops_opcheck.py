@@ -9,7 +9,7 @@ refuses to differentiate loudly instead of returning silently wrong gradients).
 """
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

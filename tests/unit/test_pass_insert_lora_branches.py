@@ -52,7 +52,7 @@ def test_each_targeted_linear_gets_the_fixed_sequence(toy):
         branch = nodes[i:i + len(LORA_STEPS)]  # right after the base linear, in order
         assert [get_site_step(n) for n in branch] == [(labels.module, step) for step in LORA_STEPS]
         assert {get_base_node(n) for n in branch} == {base.name}
-        cast_in, dropout, lora_a, lora_b, scale, add, cast_out = branch[1:]
+        cast_in, dropout, _lora_a, _lora_b, scale, add, cast_out = branch[1:]
         assert cast_in.args[0] is base.args[0] and add.args == (base, scale)
         assert set(base.users) == {add}
         assert dropout.args[1:] == (0.0, False)

@@ -49,7 +49,7 @@ def test_flags_and_layer_selections(toy):
                 if lab.component == Component.PROJECTOR
                 or (lab.component == Component.LANGUAGE and lab.layer == last and lab.role.is_attention)}
     assert _targeted(toy) == expected
-    for site, (lab, d) in decisions.items():
+    for lab, d in decisions.values():
         if lab.component == Component.VISION:
             assert d.reason == "finetune_vision_layers=False"
         elif lab.component == Component.LANGUAGE and lab.role.is_mlp:  # flags decide before layer selections

@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -211,7 +212,7 @@ def example_inputs(cfg: ToyConfig = ToyConfig()) -> dict[str, torch.Tensor]:
     return inputs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exported(cfg: ToyConfig) -> torch.export.ExportedProgram:
     # Static shapes: the passes read no symbolic size, and a dynamic text length doubles the export time.
     return export_call(build_model(cfg), example_inputs(cfg), {}, dynamic=False)
