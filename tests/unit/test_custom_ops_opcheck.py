@@ -127,8 +127,7 @@ def test_every_graphlora_op_has_a_case():
     registered = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("graphlora::")}
     covered = {c.op.name().split("::", 1)[1] for c in CASES}
-    assert registered == covered
-    assert len(registered) == 6
+    assert covered and registered == covered
 
 
 def test_backward_ops_refuse_to_be_differentiated():
