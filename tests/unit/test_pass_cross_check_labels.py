@@ -2,7 +2,7 @@
 never changes the structural labels."""
 
 from graphlora.labels import Component, get_name_labels, graph_meta, labelled_nodes
-from toy import labels_by_site, run_analysis
+from toy import BLOCK_ROLES, labels_by_site, run_analysis
 
 
 def _structural(gm):
@@ -31,7 +31,7 @@ def test_neutral_tower_names_are_reported_not_applied(make_toy):
 
     labels = labels_by_site(toy.gm)
     vision_sites = [site for site, lab in labels.items() if lab.component == Component.VISION]
-    assert len(vision_sites) == 7 * toy.cfg.vision_layers
+    assert len(vision_sites) == len(BLOCK_ROLES) * toy.cfg.vision_layers
     disagreements = graph_meta(toy.gm).label_check["disagreements"]
     assert [d["site"] for d in disagreements] == vision_sites
     for d in disagreements:

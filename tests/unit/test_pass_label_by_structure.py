@@ -5,7 +5,7 @@ import pytest
 from torch.testing import FileCheck
 
 from graphlora.labels import Component, Role, get_labels, graph_meta, labelled_nodes
-from toy import LINEAR, aten, count, expected_labels, labels_by_site, linear_modules, run_analysis
+from toy import BLOCK_ROLES, LINEAR, aten, count, expected_labels, labels_by_site, linear_modules, run_analysis
 
 VARIANTS = {
     "default": {},
@@ -67,7 +67,7 @@ def test_an_unreachable_vision_block_is_still_labelled_vision(make_toy):
     last = toy.cfg.vision_layers - 1
     labels = labels_by_site(toy.gm)
     block = {site: lab for site, lab in labels.items() if site.startswith(f"vision_tower.layers.{last}.")}
-    assert len(block) == 7
+    assert len(block) == len(BLOCK_ROLES)
     assert {lab.component for lab in block.values()} == {Component.VISION}
     assert {lab.layer for lab in block.values()} == {last}
     assert labels["multi_modal_projector"].component == Component.PROJECTOR

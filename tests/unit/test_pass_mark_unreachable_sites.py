@@ -3,7 +3,7 @@
 
 from graphlora.labels import SkipCause, get_decision, graph_meta, labelled_nodes
 from graphlora.passes.mark_unreachable_sites_pass import live_nodes
-from toy import run_analysis, run_before
+from toy import BLOCK_ROLES, run_analysis, run_before
 
 MARK = ["mark_unreachable_sites"]
 
@@ -50,7 +50,7 @@ def test_without_a_loss_the_logits_are_the_signal(make_toy):
     run_before(toy, "mark_unreachable_sites")
     run_analysis(toy, MARK)
     skipped = [site for site, d in _decisions(toy).items() if d.skipped]
-    assert len(skipped) == 7 and all("never reaches `logits`" in _decisions(toy)[s].reason for s in skipped)
+    assert len(skipped) == len(BLOCK_ROLES) and all("never reaches `logits`" in _decisions(toy)[s].reason for s in skipped)
 
 
 def test_nothing_to_mark_when_everything_reaches_the_loss(toy):

@@ -36,7 +36,7 @@ def test_region_linears_get_the_whole_models_labels(toy, path):
     [record] = _run(_labelling(region, path, tables), region, {"label_from_site_table"})
     assert record.modified
     found = {labels.module: labels for _, labels in labelled_nodes(region.gm.graph)}
-    assert len(found) == count(region.gm, LINEAR) == 7
+    assert len(found) == count(region.gm, LINEAR) == len(BLOCK_ROLES)
     assert found == {site: labels for site, labels in tables[0].items() if site.startswith(path + ".")}
     meta = graph_meta(region.gm)
     assert meta.towers == tables[2]

@@ -5,7 +5,7 @@ import pytest
 
 from graphlora.errors import NoSitesSelectedError, PolicyError
 from graphlora.labels import Component, get_decision, labelled_nodes
-from toy import run_analysis, run_before
+from toy import BLOCK_ROLES, run_analysis, run_before
 
 SELECT = ["select_lora_sites"]
 
@@ -29,7 +29,7 @@ def test_default_policy_targets_every_block_linear(toy):
     decisions = _decisions(toy)
     assert all(d is not None for _, d in decisions.values())
     in_blocks = {site for site, (lab, _) in decisions.items() if lab.layer is not None}
-    assert len(in_blocks) == 7 * (toy.cfg.vision_layers + toy.cfg.language_layers)
+    assert len(in_blocks) == len(BLOCK_ROLES) * (toy.cfg.vision_layers + toy.cfg.language_layers)
     assert _targeted(toy) == in_blocks
     for site in in_blocks:
         d = decisions[site][1]

@@ -6,7 +6,7 @@ import pytest
 
 from graphlora.errors import LabelDisagreementError
 from graphlora.labels import Component, get_decision, graph_meta, labelled_nodes
-from toy import run_analysis, run_before
+from toy import BLOCK_ROLES, run_analysis, run_before
 
 NEUTRAL = {"vision_name": "encoder", "vision_class": "Encoder"}
 SETTLE = ["settle_label_disagreements"]
@@ -63,7 +63,7 @@ def test_only_live_linears_count(make_toy):
         run_analysis(toy, SETTLE, policy)
     listed = [line.split(":")[0].strip() for line in str(info.value).splitlines() if line.startswith("  encoder.")]
     assert listed and all(site.startswith("encoder.layers.0.") for site in listed)
-    assert len(listed) == 7
+    assert len(listed) == len(BLOCK_ROLES)
 
 
 def test_trust_labels_names_relabels_and_redecides(make_toy):
