@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from graphlora.adapters.format import ADAPTER_CONFIG_NAME, AdapterError, shorten
 from graphlora.adapters.peft_compat import (
     is_inside,
+    matches_module_suffix,
     modules_to_save_paths,
     peft_excluded_by_modules_to_save,
     peft_load_rewrites,
@@ -90,7 +91,7 @@ def _target_fields(lora_model: "GraphLoraModel", mts_paths: list[str],
     params = sorted([s.name for s in lora_model.sites if s.kind != "linear"] + [f"{n}.weight" for n in as_parameters])
     target_modules: Any = linear
     for name in linear:
-        hits = [n for n in module_names if n == name or n.endswith("." + name)]
+        hits = [n for n in module_names if matches_module_suffix(n, name)]
         if hits != [name]:
             # A full path that is also the suffix of another module path (PEFT matches suffixes): an
             # anchored regular expression (PEFT fullmatches a string) is exact.
@@ -99,7 +100,7 @@ def _target_fields(lora_model: "GraphLoraModel", mts_paths: list[str],
     param_names = [f"{m}.{p}" if m else p for m, mod in original.named_modules()
                    for p, _ in mod.named_parameters(recurse=False)]
     for name in params:
-        hits = [n for n in param_names if n == name or n.endswith("." + name)]
+        hits = [n for n in param_names if matches_module_suffix(n, name)]
         if hits != [name]:
             raise AdapterError(
                 f"cannot save a PEFT adapter: target_parameters entry {name} would also match {shorten(hits)} "

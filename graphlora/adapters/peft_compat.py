@@ -26,9 +26,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from graphlora.model import GraphLoraModel
 
 
+def matches_module_suffix(path: str, name: str) -> bool:
+    """PEFT's rule for one name of a list: ``path`` equals ``name`` or ends with ``"." + name``.
+
+    Whole dotted segments only: ``q_proj`` and ``self_attn.q_proj`` match ``layers.0.self_attn.q_proj``;
+    ``proj`` and ``attn.q_proj`` do not. ``path`` is a module path or a parameter path."""
+    return path == name or path.endswith("." + name)
+
+
 def peft_list_match(name: str, entries: Iterable[str]) -> bool:
     """PEFT's list matching of ``target_modules`` / ``target_parameters``: equal, or ends with ``"." + entry``."""
-    return any(name == e or name.endswith("." + e) for e in entries)
+    return any(matches_module_suffix(name, e) for e in entries)
 
 
 def peft_targets_module(target_modules: Any, name: str, linear_names: set[str]) -> bool:
@@ -72,7 +80,7 @@ def modules_to_save_paths(model: torch.nn.Module, names: list[str] | None) -> li
     """The module paths graphlora copied for ``policy.modules_to_save`` (same matching as rewrite)."""
     paths: set[str] = set()
     for name in names or []:
-        paths.update(p for p, _ in model.named_modules() if p and (p == name or p.endswith("." + name)))
+        paths.update(p for p, _ in model.named_modules() if p and matches_module_suffix(p, name))
     return sorted(paths)
 
 
