@@ -21,8 +21,8 @@ One job per module; they import each other, never this package:
 * ``atomic_io``: write-then-rename, all or nothing.
 * ``save``: ``save_adapter``.
 * ``merging``: ``merge`` / ``unmerge`` / ``save_merged``.
-* ``load``: ``load_adapter`` (``graphlora.load_adapter``). Not imported here: it imports the rewriter,
-  and the rewriter's ``GraphLoraModel`` imports this package.
+* ``load``: ``load_adapter`` (public as ``graphlora.load_adapter``). Not imported here: it imports the
+  rewriter and ``graphlora.model``, and ``GraphLoraModel``'s adapter methods import this package.
 """
 
 from graphlora.adapters.config import adapter_config, check_adapter_config

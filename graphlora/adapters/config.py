@@ -199,6 +199,7 @@ def _adapter_config(lora_model: "GraphLoraModel", task_type: str | None, as_para
 
 
 def numeric_record(config: dict[str, Any]) -> dict[str, Any]:
+    """The config's :data:`NUMERIC_FIELDS`, normalised (sorted lists, numbers as written), for comparison."""
     out = {}
     for key in NUMERIC_FIELDS:
         value = config.get(key)
@@ -292,6 +293,7 @@ def check_adapter_config(config: dict[str, Any], path: str = ADAPTER_CONFIG_NAME
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:
+    """The JSON object in ``directory/adapter_config.json``; a missing or unreadable file is an error naming it."""
     path = directory / ADAPTER_CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{path}: no such file (not an adapter directory)")

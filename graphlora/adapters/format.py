@@ -34,5 +34,6 @@ class AdapterExistsError(AdapterError, FileExistsError):
 
 
 def shorten(items: list[str], limit: int = 8) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are (for messages)."""
     shown = ", ".join(items[:limit])
     return shown + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")

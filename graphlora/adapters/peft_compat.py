@@ -40,6 +40,7 @@ def peft_list_match(name: str, entries: Iterable[str]) -> bool:
 
 
 def peft_targets_module(target_modules: Any, name: str, linear_names: set[str]) -> bool:
+    """PEFT's ``target_modules``: ``"all-linear"`` (``linear_names``), a regular expression matched whole, or a list."""
     if target_modules is None:
         return False
     if isinstance(target_modules, str):
@@ -69,10 +70,12 @@ def peft_modules_to_save_hits(model: torch.nn.Module, name: str) -> list[str]:
 
 
 def is_inside(path: str, container: str) -> bool:
+    """``path`` is the module ``container`` or one of its submodules."""
     return path == container or path.startswith(container + ".")
 
 
 def linear_module_names(model: torch.nn.Module) -> set[str]:
+    """The ``nn.Linear`` module paths of ``model`` (what ``target_modules: all-linear`` starts from)."""
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 

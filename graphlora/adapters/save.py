@@ -2,8 +2,9 @@
 
 Writes ``adapter_model.safetensors`` (with graphlora's metadata: the config's numeric fields and the
 sha256 of the policy file), ``graphlora_policy.yaml`` and, last, ``adapter_config.json``, as one
-all-or-nothing step (graphlora/adapters/atomic_io.py); nothing is pickled. Warns (``PeftConversionWarning``)
-when the installed PEFT would rewrite the config before loading it.
+all-or-nothing step (graphlora/adapters/atomic_io.py); nothing is pickled. Existing adapter files are
+replaced only with ``overwrite=True`` (else ``AdapterExistsError``); other files in the directory are left
+alone. Warns (``PeftConversionWarning``) when the installed PEFT would rewrite the config before loading it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _warn_if_peft_rewrites(changes: dict[str, tuple[Any, Any]], model: torch.nn.Module) -> None:
+    """Warn when :func:`graphlora.adapters.peft_compat.peft_load_rewrites` found changes (``changes``)."""
     if not changes:
         return
     import peft

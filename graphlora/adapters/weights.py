@@ -78,6 +78,7 @@ def read_adapter_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict
 
 
 def check_metadata(config: dict[str, Any], metadata: dict[str, str], directory: Path) -> None:
+    """Refuse a config whose numeric fields differ from those recorded in the weights file (when recorded)."""
     recorded = metadata.get(META_CONFIG)
     if recorded is None:
         return
