@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "rewrite": "graphlora.rewriter",
     "GraphLoraModel": "graphlora.model",
-    "load_adapter": "graphlora.adapter_loader",
+    "load_adapter": "graphlora.adapters.load",
     "explain": "graphlora.explainer",
 }
 

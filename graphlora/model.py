@@ -298,7 +298,7 @@ class GraphLoraModel(torch.nn.Module):
         finally:
             self.adapters_enabled = previous
 
-    # ------------------------------------------------------------------ adapters (graphlora/adapters.py)
+    # ------------------------------------------------------------------ adapters (graphlora/adapters/)
     def save_adapter(self, directory, overwrite: bool = False, **kwargs):
         """Save the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``) plus
         ``graphlora_policy.yaml``; ``PeftModel.from_pretrained`` and :func:`graphlora.load_adapter` read it.

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from graphlora import families
+from graphlora.adapters.peft_compat import matches_module_suffix
 from graphlora.errors import PolicyError
 from graphlora.mirror import mirror_module
 from graphlora.model import GraphLoraModel
@@ -24,7 +25,7 @@ def _apply_modules_to_save(mirror: torch.nn.Module, names: list[str]) -> list[st
     """Replace each matching module of the mirror with a trainable deep copy; return their paths."""
     paths = []
     for name in names:
-        hits = [path for path, _ in mirror.named_modules() if path and (path == name or path.endswith("." + name))]
+        hits = [path for path, _ in mirror.named_modules() if path and matches_module_suffix(path, name)]
         if not hits:
             raise PolicyError(f"modules_to_save: {name!r} matches no module of the model", key_path="modules_to_save")
         paths.extend(hits)

@@ -1,4 +1,4 @@
-"""Issue 8: adapters in PEFT's format (both directions), merging, merged checkpoints, and safe file writes."""
+"""Adapters in PEFT's format (both directions), merging, merged checkpoints, and safe file writes."""
 
 from __future__ import annotations
 
@@ -207,7 +207,8 @@ def test_peft_all_linear_adapter_and_unreachable_modules(cases, tmp_path):
 def test_rank_pattern_keys_are_exact_under_peft_matching():
     """PEFT reads a rank_pattern key as a regular expression matched against a name's tail ('.' matches
     any character): plain names are written only when that gives every site its own rank."""
-    from graphlora.adapters import _patterns, peft_pattern_value
+    from graphlora.adapters.config import _patterns
+    from graphlora.adapters.peft_compat import peft_pattern_value
     from graphlora.lora import Site
 
     def site(name, r):

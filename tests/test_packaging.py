@@ -119,3 +119,15 @@ def test_the_import_graph_sees_lazy_imports():
     graph = _import_graph()
     assert "graphlora.adapters" in graph["graphlora.model"]  # imported inside GraphLoraModel's methods
     assert "graphlora.ops.dropout_rng" in graph["graphlora.ops.lora_linear"]  # from . import dropout_rng
+
+
+def test_no_adapters_submodule_is_named_like_a_name_the_package_exports():
+    """``graphlora.adapters.merge`` is a function; a ``merge.py`` beside it would make the dotted name mean
+    two things (``import graphlora.adapters.merge as m`` gives the function, ``mock.patch`` strings reach
+    the wrong object)."""
+    import pkgutil
+
+    import graphlora.adapters
+
+    submodules = {info.name for info in pkgutil.iter_modules(graphlora.adapters.__path__)}
+    assert not submodules & set(graphlora.adapters.__all__)

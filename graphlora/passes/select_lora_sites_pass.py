@@ -16,6 +16,7 @@ import re
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from graphlora.adapters.peft_compat import matches_module_suffix
 from graphlora.errors import NoSitesSelectedError, PolicyError
 from graphlora.labels import TOWER_OF_COMPONENT, Component, NodeLabels, SiteDecision, graph_meta, labelled_nodes, set_decision
 from graphlora.policy import Policy, Rule, resolve_layers
@@ -32,7 +33,7 @@ def _target_modules_keep(policy: Policy, module: str) -> bool:
     if tm == "all-linear":
         return True
     if isinstance(tm, list):
-        return any(module == name or module.endswith("." + name) for name in tm)
+        return any(matches_module_suffix(module, name) for name in tm)
     return re.fullmatch(tm, module) is not None
 
 

@@ -1,9 +1,16 @@
 """``graphlora.load_adapter``: rewrite a model with an adapter saved by graphlora or PEFT, and load it.
 
-Reads the adapter (graphlora/adapters.py owns the format: config, tensors, PEFT's matching rules), plans its
-sites (``target_modules`` and ``target_parameters``, ranks and alphas), rewrites the model with the saved
-``graphlora_policy.yaml`` when it selects exactly those sites (else with a policy built from the adapter),
-checks the rewrite's sites against the plan and copies the tensors in.
+Reads ``adapter_config.json``, ``adapter_model.safetensors`` and, when present, ``graphlora_policy.yaml``
+(the format and PEFT's matching rules are the other modules of this package); writes nothing. Plans the
+adapter's sites by PEFT's rules (``target_modules`` and ``target_parameters``, ranks and alphas), rewrites
+the model with the saved policy when it selects exactly those sites (else with a policy built from the
+adapter), checks the rewrite's sites against the plan and copies the tensors in. A site the rewrite could
+not adapt is an error naming it, except one whose output never reaches the model's outputs
+(``SkippedSite.cause`` is ``SkipCause.UNREACHABLE``) and whose ``lora_B`` is zero: it is left out, with a
+warning.
+
+The package's ``__init__`` does not import this module (it imports the rewriter, which imports
+``graphlora.model``, which uses the package); ``graphlora.load_adapter`` is the public name.
 """
 
 from __future__ import annotations
@@ -19,15 +26,17 @@ from typing import Any
 
 import torch
 
-from graphlora.adapters import (
+from graphlora.adapters.config import check_adapter_config, read_adapter_config
+from graphlora.adapters.format import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     META_POLICY_SHA,
     PEFT_PREFIX,
     POLICY_NAME,
     AdapterError,
-    check_adapter_config,
-    check_metadata,
+    shorten,
+)
+from graphlora.adapters.peft_compat import (
     is_inside,
     linear_module_names,
     modules_to_save_paths,
@@ -36,10 +45,8 @@ from graphlora.adapters import (
     peft_modules_to_save_hits,
     peft_pattern_value,
     peft_targets_module,
-    read_adapter_config,
-    read_adapter_tensors,
-    shorten,
 )
+from graphlora.adapters.weights import check_metadata, read_adapter_tensors
 from graphlora.errors import GraphLoraError
 from graphlora.labels import SkipCause
 from graphlora.lora import LORA_DTYPES
