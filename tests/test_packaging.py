@@ -8,9 +8,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_every_subpackage_is_installed():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(config["packages"])
     assert "package-dir" not in config, "no package remap: every package lies where it is imported from"
-    assert config["packages"]["find"]["include"] == ["graphlora*"]
+    include = config["packages"]["find"]["include"]
+    from setuptools import find_packages
+
+    found = set(find_packages(str(ROOT), include=include))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "graphlora").rglob("__init__.py")}
+    assert on_disk and on_disk == found, f"packages setuptools would miss: {sorted(on_disk - found)}"
 
 
 def test_passes_are_a_plain_subpackage():
