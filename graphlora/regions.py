@@ -120,6 +120,14 @@ def name_labels(root: torch.nn.Module, captured: dict[str, CapturedCall], head_p
     return table, {t: len(b) for t, b in order.items()}
 
 
+def name_label_for_linear(root: torch.nn.Module, site: str, head_paths: frozenset[str]) -> NodeLabels:
+    """Labels of a linear module found inside a region graph, by the names on its module stack (the role
+    comes from the module's own name, ``down_proj`` -> ``mlp.down``)."""
+    stack = module_stack_of(root, site)
+    component = component_by_name(stack, head_paths)
+    return NodeLabels(component, role_by_name(stack, component), None, site, "linear", f"{site}.weight")
+
+
 def name_label_for_param(root: torch.nn.Module, weight_fqn: str, kind: str, head_paths: frozenset[str]) -> NodeLabels:
     """Labels of a parameter matmul found inside a region graph (names of its owner and parameter)."""
     owner = weight_fqn.rpartition(".")[0]

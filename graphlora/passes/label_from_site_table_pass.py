@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from graphlora import structure
 from graphlora.labels import NodeLabels, graph_meta, set_labels
 from graphlora.name_rules import WRAPPER_PREFIX
-from graphlora.regions import name_label_for_param
+from graphlora.regions import name_label_for_linear, name_label_for_param
 
 
 class LabelFromSiteTablePass(PassBase):
@@ -50,8 +50,7 @@ class LabelFromSiteTablePass(PassBase):
             weight = self._global(m.weight)
             if m.kind in ("linear", "param_linear") and m.site != m.weight:
                 site = self._global(m.site)
-                labels = self.table.get(site) or dataclasses.replace(
-                    name_label_for_param(self.root, weight, "linear", self.head_paths), module=site)
+                labels = self.table.get(site) or name_label_for_linear(self.root, site, self.head_paths)
             else:
                 labels = name_label_for_param(self.root, weight, m.kind, self.head_paths)
             set_labels(m.node, dataclasses.replace(labels, kind=m.kind, weight=weight))

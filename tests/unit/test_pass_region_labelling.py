@@ -60,10 +60,6 @@ def test_a_linear_missing_from_the_table_gets_its_component_from_names(toy):
     assert (got.module, got.weight, got.kind) == (missing, missing + ".weight", "linear")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "label_from_site_table labels a Linear missing from the table with name_label_for_param(root, <weight FQN>, ...), "
-    "whose stack ends in the parameter: role_by_name then reads the leaf 'weight' and gives role other, not the role "
-    "the name rules give the Linear (mlp.down for down_proj), so the default policy would not adapt it"))
 def test_a_linear_missing_from_the_table_gets_the_role_its_names_give(toy):
     path = "language_model.layers.1"
     missing = f"{path}.mlp.down_proj"
