@@ -215,11 +215,16 @@ def test_rank_pattern_keys_are_exact_under_peft_matching():
         return Site(name, "language", "attn.q", 0, r, 16.0, 0.0, 1.0, "test")
 
     plain = [site("m.layers.1.q_proj", 4), site("m.layers.11.q_proj", 16)]
-    assert _patterns(plain, 16, "r", {s.name: s.name for s in plain}) == {"m.layers.1.q_proj": 4}
+    plain_patterns = _patterns(plain, 16, "r", {s.name: s.name for s in plain})
+    assert plain_patterns == {"m.layers.1.q_proj": 4}
     clash = [site("blk.q", 4), site("blk_q", 16)]  # "blk.q" as a pattern also matches "blk_q"
     patterns = _patterns(clash, 16, "r", {s.name: s.name for s in clash})
     assert patterns == {r"^blk\.q": 4}
     assert [peft_pattern_value(patterns, s.name, 16) for s in clash] == [4, 16]
+    from peft.utils.other import get_pattern_key  # PEFT's own lookup reads the patterns the same way
+
+    assert [patterns.get(get_pattern_key(list(patterns), s.name), 16) for s in clash] == [4, 16]
+    assert [plain_patterns.get(get_pattern_key(list(plain_patterns), s.name), 16) for s in plain] == [4, 16]
 
 
 def test_graphlora_round_trip_uses_the_saved_policy(cases):
