@@ -1,4 +1,4 @@
-"""Issue 8: adapters in PEFT's format (both directions), merging, merged checkpoints, and safe file writes."""
+"""Adapters in PEFT's format (both directions), merging, merged checkpoints, and safe file writes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import zoo
 from graphlora.adapters import AdapterError, AdapterExistsError
+from graphlora.testing import zoo
 from helpers import set_random_lora
 
 EXACT = dict(atol=1e-5, rtol=1e-5)  # the same computation in fp32, summed in another order
