@@ -10,7 +10,7 @@ dtypes and trainability, and the same plain (Python scalar) attributes, except t
 the key also holds each site's rank, scale, dropout and weight layout (:func:`lora_key`).
 
 Sharing is then *checked*, not assumed: every block is verified against eager through the shared
-program (graphlora/planner.py), and one that differs runs eagerly with module-level LoRA.
+program (graphlora/block_planner.py), and one that differs runs eagerly with module-level LoRA.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ MODEL_SPEC_HELP = ("MODEL SPEC: a built-in tiny model name (e.g. llava), module:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from graphlora.demo import run_demo
+    from graphlora.testing.demo import run_demo
 
     run_demo(args.model, args.strategy, args.steps)
     return 0

@@ -30,11 +30,12 @@ from graphlora.errors import GraphLoraError
 from graphlora.labels import Component, graph_meta
 from graphlora.lora import AdapterSwitch, Site, SiteTable, SkippedSite, eager_lora_hooks
 from graphlora.pipeline import Pipeline
-from graphlora.planner import Planner, RegionInfo, TraceMode
+from graphlora.planner import Planner
 from graphlora.policy import Policy
 from graphlora.grad_check import DeadSiteMonitor
 from graphlora.runtime import Runtime, TraceRecord, forced_kwargs
 from graphlora.trace import Program, ProgramVariant, text_length
+from graphlora.trace_modes import RegionInfo, TraceMode
 from graphlora.verify import Verification
 
 
@@ -99,7 +100,7 @@ class GraphLoraModel(torch.nn.Module):
         self.site_table = SiteTable()
         #: On/off state of the adapters, shared by programs, glue forwards and hooks.
         self.switch = AdapterSwitch()
-        #: "blocks", "whole" or "regional" (:class:`graphlora.planner.TraceMode`).
+        #: "blocks", "whole" or "regional" (:class:`graphlora.trace_modes.TraceMode`).
         self.trace_mode = TraceMode.BLOCKS
         #: Which parts run as graphs and which eagerly (see :class:`RegionInfo`).
         self.regions: list[RegionInfo] = []

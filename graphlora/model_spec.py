@@ -1,6 +1,6 @@
 """MODEL SPEC: one grammar for naming a model on every command line.
 
-* a built-in tiny model name (``graphlora.zoo.tiny_model_names()``, e.g. ``llava``);
+* a built-in tiny model name (``graphlora.testing.zoo.tiny_model_names()``, e.g. ``llava``);
 * ``module:function`` or ``path/to/file.py:function``, a callable returning ``(model, example_inputs)``
   (``example_inputs`` may be None: graphlora then synthesises them from the config);
 * a local directory holding a transformers ``config.json`` (no weights needed: the model is built
@@ -77,7 +77,7 @@ def _from_config_dir(path: Path, meta: bool) -> tuple[torch.nn.Module, None]:
 
 def load_model_spec(spec: str, *, meta: bool = False) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """Resolve a MODEL SPEC to ``(model, example_inputs or None)``; see the module docstring."""
-    from graphlora import zoo
+    from graphlora.testing import zoo
 
     if spec in zoo.tiny_model_names():
         model = zoo.build_tiny_model(spec)

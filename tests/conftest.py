@@ -44,7 +44,7 @@ def _outside_core(item, families: frozenset[str]) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    from graphlora import zoo
+    from graphlora.testing import zoo
 
     families = frozenset(zoo.tiny_model_names())
     for item in items:
@@ -61,7 +61,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny():
     """``tiny(name, **input_kwargs) -> (model, inputs)``: a fresh tiny VLM (eval mode) and a batch."""
-    from graphlora import zoo
+    from graphlora.testing import zoo
 
     def build(name: str, **kwargs):
         model = zoo.build_tiny_model(name)

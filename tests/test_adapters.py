@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import zoo
 from graphlora.adapters import AdapterError, AdapterExistsError
+from graphlora.testing import zoo
 from helpers import set_random_lora
 
 EXACT = dict(atol=1e-5, rtol=1e-5)  # the same computation in fp32, summed in another order

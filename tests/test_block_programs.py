@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import zoo
 from graphlora.errors import TraceMismatchError
+from graphlora.testing import zoo
 from helpers import EagerLoraReference, lora_grads, set_random_lora
 
 FULL_VLM = dict(finetune_vision_layers=True, finetune_language_layers=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import synthetic, zoo
+from graphlora.testing import synthetic, zoo
 
 from helpers import set_random_lora
 

@@ -35,7 +35,7 @@ def test_model_spec_builtin_name():
 
 def test_model_spec_module_function(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(textwrap.dedent("""
-        from graphlora import zoo
+        from graphlora.testing import zoo
         def make():
             model = zoo.build_tiny_model("idefics3")
             return model, zoo.tiny_example_inputs("idefics3", model)
@@ -48,7 +48,7 @@ def test_model_spec_module_function(tmp_path, monkeypatch):
 
 
 def test_model_spec_config_directory(tmp_path):
-    from graphlora import zoo
+    from graphlora.testing import zoo
 
     zoo.build_tiny_config("llava").save_pretrained(tmp_path)
     model, inputs = load_model_spec(str(tmp_path))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import zoo
 from graphlora.errors import DeadLoraSitesWarning
 from graphlora.grad_check import GradientFault
+from graphlora.testing import zoo
 
 FULL = dict(finetune_vision_layers=True, finetune_language_layers=True)
 

@@ -144,8 +144,8 @@ def test_fsdp2_on_layers_in_whole_mode_is_refused_clearly():
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     import graphlora
-    from graphlora import synthetic, zoo
     from graphlora.errors import GraphLoraError
+    from graphlora.testing import synthetic, zoo
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

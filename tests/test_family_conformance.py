@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import zoo
 from graphlora.errors import PeftConversionWarning
+from graphlora.testing import zoo
 from helpers import set_random_lora, train_and_check_grads
 from label_truth import EXPECTED
 

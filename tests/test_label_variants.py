@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphlora
-from graphlora import zoo
 from graphlora.families import synthesize_inputs
+from graphlora.testing import zoo
 from label_truth import EXPECTED, expected_labels
 
 FULL_VLM = dict(

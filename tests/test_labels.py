@@ -16,8 +16,8 @@ import functools
 import pytest
 
 import graphlora
-from graphlora import zoo
 from graphlora.explainer import explain
+from graphlora.testing import zoo
 from helpers import expand
 from label_truth import CLIP, EXPECTED, H, L, LM, P, V, X, tower  # the truth tables
 

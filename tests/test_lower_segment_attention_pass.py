@@ -76,8 +76,8 @@ def test_pipeline_lowers_only_programs_that_run_eagerly_and_call_the_op():
 def test_qwen2_vl_vision_block_program_runs_the_eager_lowering():
     """The Qwen2-VL vision block traces the op (export needs it) and its program calls the eager lowering."""
     import graphlora
-    from graphlora import zoo
     from graphlora.families import synthesize_inputs
+    from graphlora.testing import zoo
 
     model = zoo.build_tiny_model("qwen2_vl", layers=2).train()
     lora_model = graphlora.rewrite(model, Policy(), example_inputs=synthesize_inputs(model, batch_size=2))

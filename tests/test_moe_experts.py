@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import zoo
 from graphlora.errors import PeftConversionWarning
+from graphlora.testing import zoo
 from helpers import EagerLoraReference, set_random_lora
 
 MOE_FAMILIES = [name for name in ("llama4", "qwen3_vl_moe", "glm4v_moe") if name in zoo.tiny_model_names()]

@@ -135,3 +135,20 @@ def test_no_adapters_submodule_is_named_like_a_name_the_package_exports():
 
     submodules = {info.name for info in pkgutil.iter_modules(graphlora.adapters.__path__)}
     assert not submodules & set(graphlora.adapters.__all__)
+
+
+def test_core_modules_import_the_testing_package_only_lazily():
+    """graphlora.testing (the zoo, synthetic data, the demo) is test and demo support: outside it only the
+    command line and the MODEL SPEC resolution import it, and only inside the function that needs it."""
+    import ast
+
+    users = {module for module, targets in _import_graph().items()
+             if not module.startswith("graphlora.testing") and any(t.startswith("graphlora.testing") for t in targets)}
+    assert users <= {"graphlora.cli", "graphlora.model_spec"}, sorted(users)
+    for module in users:
+        tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+        in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        for n in ast.walk(f)}
+        top_level = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                     and id(n) not in in_functions and "graphlora.testing" in ast.unparse(n)]
+        assert not top_level, f"{module} imports graphlora.testing at module level: {top_level}"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import zoo
 from graphlora.cli import main
 from graphlora.errors import PolicyError
+from graphlora.testing import zoo
 
 
 def write(tmp_path, name, text):

@@ -22,8 +22,9 @@ import pickle
 import pytest
 import torch
 
-from graphlora import families, zoo
+from graphlora import families
 from graphlora.families import _packed_vision, get_prologue, prepare_for_tracing
+from graphlora.testing import zoo
 from graphlora.trace import default_dynamic_shapes, export_call, make_call_key, split_call
 
 GRID = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "qwen3_vl_moe", "glm4v_moe"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import zoo
+from graphlora.testing import zoo
 from helpers import merged_copy, set_random_lora
 
 FULL = dict(finetune_vision_layers=True, finetune_language_layers=True)

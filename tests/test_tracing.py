@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import zoo
 from graphlora.errors import TraceMismatchError
+from graphlora.testing import zoo
 from helpers import merged_copy, set_random_lora
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
 import graphlora
-from graphlora import synthetic, zoo
 from graphlora.adapters import AdapterError
 from graphlora.integrations import GraphLoraTrainer, GraphLoraTrainerMixin, unwrap_graphlora
+from graphlora.testing import synthetic, zoo
 
 POLICY = dict(finetune_vision_layers=True, finetune_language_layers=True, r=8, lora_alpha=16, lora_dropout=0.0)
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "graphlora_policy.yaml"}
@@ -28,7 +28,7 @@ TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """A torch Dataset of single-sample dicts (graphlora.synthetic.caption_dataset)."""
+    """A torch Dataset of single-sample dicts (graphlora.testing.synthetic.caption_dataset)."""
 
     def __init__(self, samples):
         self.samples = samples
@@ -41,7 +41,7 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 class RecordingCollator:
-    """graphlora.synthetic.collate, recording which columns reached it (after remove_unused_columns)."""
+    """graphlora.testing.synthetic.collate, recording which columns reached it (after remove_unused_columns)."""
 
     def __init__(self):
         self.seen: set[str] = set()

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import families, zoo
+from graphlora import families
 from graphlora.families import IGNORE_INDEX, UnsupportedFamilyError, get_recipe, refused_model_types, supported_model_types
+from graphlora.testing import zoo
 
 NAMES = zoo.tiny_model_names()
 

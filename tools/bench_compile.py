@@ -31,7 +31,7 @@ _MARK = "BENCH_RESULT "
 
 def child(family: str, layers: int, batches: int, mode: str) -> dict:
     import graphlora
-    from graphlora import zoo
+    from graphlora.testing import zoo
 
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_stream import POLICY, stream_shapes  # noqa: PLC0415

@@ -107,7 +107,7 @@ def build_model(family: str, layers: int, config: str, device: str):
         from tools.bench_train_step import build_base  # noqa: PLC0415 - the ~100M LLaVA
 
         return build_base(False, device)
-    from graphlora import zoo
+    from graphlora.testing import zoo
 
     return zoo.build_tiny_model(family, layers=layers).train().to(device)
 

@@ -50,7 +50,7 @@ def bench_config(smoke: bool):
     import transformers
 
     if smoke:
-        from graphlora import zoo
+        from graphlora.testing import zoo
 
         return zoo.build_tiny_config("llava")
     vision = transformers.CLIPVisionConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=6,

@@ -2,7 +2,7 @@
 
     python tools/example_trainer.py --output-dir out/example --steps 30
 
-The model is one of graphlora's tiny random-weight fixtures (``graphlora.zoo``, default ``llava``), so the
+The model is one of graphlora's tiny random-weight fixtures (``graphlora.testing.zoo``, default ``llava``), so the
 example runs in seconds on a CPU; with a real checkpoint only the two model lines change (docs/training.md).
 """
 
@@ -16,8 +16,8 @@ import torch
 from transformers import TrainingArguments
 
 import graphlora
-from graphlora import synthetic, zoo
 from graphlora.integrations import GraphLoraTrainer
+from graphlora.testing import synthetic, zoo
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -36,7 +36,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="out/example_trainer")
-    parser.add_argument("--model", default="llava", help="a graphlora.zoo tiny model name")
+    parser.add_argument("--model", default="llava", help="a graphlora.testing.zoo tiny model name")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--pairs", type=int, default=8, help="image-caption pairs in the training set")
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
 
     # 1. The base model and data. With a real model: AutoModelForImageTextToText.from_pretrained(...) and a
-    #    dataset of processor outputs; graphlora.synthetic.collate concatenates single-sample dicts.
+    #    dataset of processor outputs; graphlora.testing.synthetic.collate concatenates single-sample dicts.
     model = zoo.build_tiny_model(args.model)
     train_set = CaptionDataset(synthetic.caption_dataset(model, args.pairs, seed=0))
     eval_set = CaptionDataset(synthetic.caption_dataset(model, 2, seed=0))

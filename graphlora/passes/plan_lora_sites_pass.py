@@ -8,7 +8,7 @@ that is targeted or skipped; a site the policy chose that cannot carry LoRA yet 
 ``nn.MultiheadAttention``'s packed in-projection ...) has ``refusal`` set. Guarantees: the graph is
 unchanged; every targeted site of the graph has exactly one entry.
 
-The planner attaches LoRA parameters from this plan (graphlora/planner.py): sites are decided once,
+The planner attaches LoRA parameters from this plan (graphlora/site_attacher.py): sites are decided once,
 from the whole-model analysis graph, and every program of the model then reads the same table.
 """
 

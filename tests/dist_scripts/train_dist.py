@@ -38,7 +38,7 @@ LR = 5e-3
 
 
 def rank_batch(pairs, step: int, rank: int, world: int, text_only: bool = False) -> dict:
-    from graphlora import synthetic
+    from graphlora.testing import synthetic
 
     start = (step * BATCH * world + BATCH * rank) % len(pairs)
     batch = synthetic.collate([pairs[(start + i) % len(pairs)] for i in range(BATCH)])
@@ -59,7 +59,7 @@ def set_lora(lora_model, seed: int = 1, std: float = 0.2) -> None:
 
 def build(mode: str, trace_mode: str = "auto"):
     import graphlora
-    from graphlora import synthetic, zoo
+    from graphlora.testing import synthetic, zoo
 
     model = zoo.build_tiny_model("llava")
     pairs = synthetic.caption_dataset(model, NUM_PAIRS)

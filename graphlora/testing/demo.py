@@ -12,7 +12,7 @@ import torch
 from graphlora.model_spec import load_model_spec
 from graphlora.report import component_table
 from graphlora.rewriter import rewrite
-from graphlora.synthetic import caption_batches, caption_dataset
+from graphlora.testing.synthetic import caption_batches, caption_dataset
 
 
 def run_demo(model_spec: str = "llava", strategy: str = "language-only", steps: int = 12,
