@@ -37,7 +37,7 @@ from graphlora.recorder import record_call
 from graphlora.regions import capture_calls
 from graphlora.runtime import BlockRunner, TraceCache, TraceRecord, bind_call, eval_mode, forced_kwargs, is_deterministic
 from graphlora.site_attacher import PlannerPart, SiteAttacher
-from graphlora.trace_modes import RegionInfo, TraceMode, captures_below
+from graphlora.trace_modes import RegionInfo, RegionMode, TraceMode, captures_below
 from graphlora.verify import Verification, compare
 
 
@@ -113,7 +113,7 @@ class BlockPlanner(PlannerPart):
         owner.trace_mode = TraceMode.BLOCKS
         classes = group_blocks(mirror, blocks, sites_by_block)
         glue = sum(1 for s in owner.sites if block_containing(s.module, blocks) is None)
-        owner.regions = [RegionInfo("", "eager", f"glue between blocks, eagerly with module-level LoRA ({glue} sites); "
+        owner.regions = [RegionInfo("", RegionMode.EAGER, f"glue between blocks, eagerly with module-level LoRA ({glue} sites); "
                                                  f"{len(blocks)} blocks in {len(classes)} block programs")]
         owner.verification = []
         accepted: list[BlockClass] = []
@@ -132,14 +132,14 @@ class BlockPlanner(PlannerPart):
             for path in failed:
                 block_class = runtime.block_class_of.pop(path)
                 block_class.instances.remove(path)
-                owner.regions.append(RegionInfo(path, "eager", "its block program differs from eager", checks[path]))
+                owner.regions.append(RegionInfo(path, RegionMode.EAGER, "its block program differs from eager", checks[path]))
             graph_blocks = [p for p in graph_blocks if p not in failed]
         else:
             checks = {}
         for block_class in accepted:
             for path in block_class.instances:
                 note = "verification skipped" if not verify else ""
-                owner.regions.append(RegionInfo(path, "graph", f"block program {block_class.name} "
+                owner.regions.append(RegionInfo(path, RegionMode.GRAPH, f"block program {block_class.name} "
                                                                f"({len(block_class.instances)} blocks){' ' + note if note else ''}",
                                                 checks.get(path)))
         if not verify:
@@ -187,7 +187,7 @@ class BlockPlanner(PlannerPart):
             return True
         for path in block_class.instances:
             runtime.block_class_of.pop(path, None)
-            owner.regions.append(RegionInfo(path, "eager", reason))
+            owner.regions.append(RegionInfo(path, RegionMode.EAGER, reason))
         runtime.block_caches.pop(block_class.name, None)
         return False
 

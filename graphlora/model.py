@@ -424,7 +424,7 @@ class GraphLoraModel(torch.nn.Module):
         from graphlora.report import ExplainRow, explain_program
 
         program = next((p for k, p in self.runtime.whole.programs() if k.variant == ProgramVariant.LORA), None)
-        if self.trace_mode == "whole" and program is not None:
+        if self.trace_mode == TraceMode.WHOLE and program is not None:
             rows = explain_program(program)
         else:
             rows = []

@@ -45,7 +45,7 @@ from graphlora.region_planner import RegionPlanner
 from graphlora.runtime import eval_mode, forced_kwargs, is_deterministic
 from graphlora.site_attacher import PlannerPart, SiteAttacher
 from graphlora.trace import Program
-from graphlora.trace_modes import TRACE_MODE_CHOICES, RegionInfo, TraceMode
+from graphlora.trace_modes import AUTO, TRACE_MODE_CHOICES, RegionInfo, RegionMode, TraceMode
 from graphlora.verify import Verification, compare
 
 
@@ -77,9 +77,9 @@ class Planner(PlannerPart):
             raise ValueError(f"trace_mode must be one of {', '.join(map(repr, TRACE_MODE_CHOICES))}, not {trace_mode!r}")
         self.example_call = dict(call)
         strict = verify == "strict"
-        if trace_mode in ("auto", "blocks"):
+        if trace_mode in (AUTO, TraceMode.BLOCKS):
             if self.blocks.plan(call, verify=bool(verify) and not self.owner.on_meta, strict=strict,
-                                required=trace_mode == "blocks"):
+                                required=trace_mode == TraceMode.BLOCKS):
                 return
             self.attacher.drop_sites()
         self.setup_whole_or_regional(call, verify, trace_mode)
@@ -91,7 +91,7 @@ class Planner(PlannerPart):
         owner, runtime = self.owner, self.runtime
         on_meta = owner.on_meta
         reason = "trace_mode='regional'"
-        if trace_mode != "regional":
+        if trace_mode != TraceMode.REGIONAL:
             runtime.on_analysed = self.attacher.adopt
             try:
                 with torch.no_grad():
@@ -99,7 +99,7 @@ class Planner(PlannerPart):
                 runtime.on_analysed = None
                 self.attacher.table_from_graph(program[0].graph_module)
                 owner.trace_mode = TraceMode.WHOLE
-                owner.regions = [RegionInfo("", "graph", "traced whole, after the family's eager prologue"
+                owner.regions = [RegionInfo("", RegionMode.GRAPH, "traced whole, after the family's eager prologue"
                                             if self._prologue_changes(call) else "traced whole")]
                 if on_meta or not verify:
                     note = "on the meta device: no values to compare" if on_meta else "verify=False"
@@ -111,10 +111,10 @@ class Planner(PlannerPart):
                 if check.passed:
                     return
                 reason = check.describe()
-                if trace_mode == "whole":
+                if trace_mode == TraceMode.WHOLE:
                     raise TraceMismatchError(reason)
             except ExportFailedError as e:
-                if trace_mode == "whole":
+                if trace_mode == TraceMode.WHOLE:
                     raise
                 lines = str(e).splitlines()
                 reason = "whole-model export failed: " + " ".join(line.strip() for line in lines[:3])

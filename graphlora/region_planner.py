@@ -35,7 +35,7 @@ from graphlora.regions import call_as_kwargs, capture_calls, name_label_for_para
 from graphlora.runtime import RegionRunner, eval_mode, forced_kwargs
 from graphlora.site_attacher import PlannerPart, SiteAttacher, skipped_site
 from graphlora.trace import text_length
-from graphlora.trace_modes import RegionInfo, TraceMode, captures_below
+from graphlora.trace_modes import RegionInfo, RegionMode, TraceMode, captures_below
 from graphlora.verify import compare
 
 
@@ -80,7 +80,7 @@ class RegionPlanner(PlannerPart):
         glue hooks."""
         owner = self.owner
         owner.trace_mode = mode
-        owner.regions, owner.verification = [RegionInfo("", "eager", reason)], []
+        owner.regions, owner.verification = [RegionInfo("", RegionMode.EAGER, reason)], []
         targeted = {s.module for s in owner.sites}
 
         def contains_site(path: str) -> bool:
@@ -95,10 +95,10 @@ class RegionPlanner(PlannerPart):
                 if captures_below(module):
                     # transformers records hidden states with hooks on inner modules; inside a traced
                     # region they would not fire, so only the modules carrying them can be regions.
-                    failed = RegionInfo(path, "split", "inner modules carry output-capturing hooks")
+                    failed = RegionInfo(path, RegionMode.SPLIT, "inner modules carry output-capturing hooks")
                 else:
                     info = self._try_region(path, captured[path], verify)
-                    if info.mode == "graph":
+                    if info.mode == RegionMode.GRAPH:
                         owner.regions.append(info)
                         return
                     failed = info
@@ -106,7 +106,7 @@ class RegionPlanner(PlannerPart):
                         if child is not None and contains_site(f"{path}.{name}") and not isinstance(child, torch.nn.Linear)]
             if failed is not None:
                 if children:
-                    failed.mode = "split"  # its children are tried one by one
+                    failed.mode = RegionMode.SPLIT  # its children are tried one by one
                 owner.regions.append(failed)
             for child in children:
                 visit(child)
@@ -123,7 +123,7 @@ class RegionPlanner(PlannerPart):
             if reason.startswith("the whole model"):  # it differed, and no adapted part explains why
                 raise TraceMismatchError(reason)
         # Sites outside graph regions run as module-level LoRA (forward hooks) on the eager glue.
-        graph_regions = [r.path for r in owner.regions if r.mode == "graph" and r.path]
+        graph_regions = [r.path for r in owner.regions if r.mode == RegionMode.GRAPH and r.path]
         self._report_glue_parameter_matmuls(graph_regions)
         for site in owner.sites:
             if site.kind == "linear" and not any(site.module.startswith(p + ".") for p in graph_regions):
@@ -136,7 +136,7 @@ class RegionPlanner(PlannerPart):
     def unplan(self) -> None:
         """Undo :meth:`plan_regions`: remove runners and glue hooks, forget region programs."""
         for region in self.owner.regions:
-            if region.path and region.mode == "graph":
+            if region.path and region.mode == RegionMode.GRAPH:
                 self.mirror.get_submodule(region.path).__dict__.pop("forward", None)
         for path, hook_id in self.glue_hooks:
             self.owner.get_submodule(path)._forward_hooks.pop(hook_id, None)
@@ -174,9 +174,9 @@ class RegionPlanner(PlannerPart):
             with torch.no_grad():
                 runtime.region_program(path, module, call)
         except (ExportFailedError, GraphLoraError, TypeError) as e:
-            return RegionInfo(path, "eager", f"export failed: {str(e).splitlines()[0]}")
+            return RegionInfo(path, RegionMode.EAGER, f"export failed: {str(e).splitlines()[0]}")
         if not verify:
-            return RegionInfo(path, "graph", "traced (verification skipped)")
+            return RegionInfo(path, RegionMode.GRAPH, "traced (verification skipped)")
         region_sites = [s for s in owner.sites if s.module.startswith(path + ".")]
         params = [p for s in region_sites for p in (owner.get_parameter(f"{s.module}.lora_A.weight"),
                                                     owner.get_parameter(f"{s.module}.lora_B.weight"))]
@@ -194,8 +194,8 @@ class RegionPlanner(PlannerPart):
         owner.verification.append(check)
         if not check.passed:
             runtime.region_caches.pop(path, None)
-            return RegionInfo(path, "eager", "trace differs from eager", check)
-        return RegionInfo(path, "graph", "traced", check)
+            return RegionInfo(path, RegionMode.EAGER, "trace differs from eager", check)
+        return RegionInfo(path, RegionMode.GRAPH, "traced", check)
 
 
 __all__ = ["RegionPlanner"]

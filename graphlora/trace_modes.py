@@ -20,21 +20,28 @@ import torch
 from graphlora.verify import Verification
 
 
-class TraceMode(str, enum.Enum):
+class TraceMode(enum.StrEnum):
     """How a rewritten model runs (``lora_model.trace_mode``)."""
 
     BLOCKS = "blocks"
     WHOLE = "whole"
     REGIONAL = "regional"
 
-    def __str__(self) -> str:
-        return self.value
-
 
 #: ``rewrite(trace_mode=...)`` values: a mode; "auto" (block programs when the model has repeated blocks, else
 #: "whole_or_regional"); "whole_or_regional" (one whole-model program, regional tracing when it does not export
 #: or differs from eager). "whole" and "regional" never fall back.
-TRACE_MODE_CHOICES = ("auto",) + tuple(m.value for m in TraceMode) + ("whole_or_regional",)
+AUTO = "auto"
+WHOLE_OR_REGIONAL = "whole_or_regional"
+TRACE_MODE_CHOICES = (AUTO,) + tuple(m.value for m in TraceMode) + (WHOLE_OR_REGIONAL,)
+
+
+class RegionMode(enum.StrEnum):
+    """How one part of the model runs (``RegionInfo.mode``)."""
+
+    GRAPH = "graph"  # a traced program
+    EAGER = "eager"  # eagerly, with module-level LoRA
+    SPLIT = "split"  # not traced itself: its children were tried one by one
 
 
 @dataclasses.dataclass
@@ -47,7 +54,7 @@ class RegionInfo:
     """
 
     path: str
-    mode: str  # "graph" | "eager" | "split" (not traced itself; its children were tried)
+    mode: RegionMode
     reason: str = ""
     verification: Verification | None = None
 
