@@ -297,7 +297,7 @@ def test_html_map_without_graphviz(llava_cli, chromium, tmp_path):
     """Without Graphviz the page draws the map itself; boxes are clickable ``g.node`` like Graphviz's."""
     import networkx as nx
 
-    from graphlora.dump_html import render_html
+    from graphlora.dump.html import render_html
 
     graph = nx.node_link_graph(json.loads((llava_cli.out / "component_map.json").read_text()), edges="edges")
     rows = [r for r in json.loads((llava_cli.out / "nodes.json").read_text())["nodes"] if r["kind"] != "lora"]
