@@ -127,6 +127,7 @@ def available_stages() -> list[str]:
 
 
 def parse_formats(formats: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The formats asked for, in :data:`FORMATS` order (None or ``all``: every one)."""
     if formats is None:
         return FORMATS
     if isinstance(formats, str):

@@ -3,9 +3,10 @@
 Every progress line is an INFO record of the logger ``graphlora.dump`` whose message is the line's
 text (``load model: 0.2 s (LlavaForConditionalGeneration)``). :func:`progress_to` shows them, for the
 time of one dump, on a stream as ``[graphlora] <text>``, flushed line by line, so a person at the
-command line sees each stage when it finishes. :data:`STDERR` stands for whatever ``sys.stderr`` is
-when a line is written (pytest's capture, a redirected stream). Without a stream the records go only
-where the application's logging configuration sends them.
+command line sees each stage when it finishes (and only there: the records are not passed on to the
+root logger meanwhile, so a configured root handler does not print them twice). :data:`STDERR` stands
+for whatever ``sys.stderr`` is when a line is written (pytest's capture, a redirected stream). Without
+a stream the records go only where the application's logging configuration sends them.
 """
 
 from __future__ import annotations
@@ -50,14 +51,16 @@ class ProgressHandler(logging.Handler):
 
 @contextlib.contextmanager
 def progress_to(progress: "TextIO | _Stderr | None") -> Iterator[None]:
-    """Within the block, show the dump's progress records on ``progress`` (None: nowhere but where
-    logging is configured to send them). The logger is lowered to INFO meanwhile if it would drop them."""
+    """Within the block, show the dump's progress records on ``progress``, each line once (None: only
+    where logging is configured to send them). Meanwhile the logger takes INFO records if it would
+    drop them, and does not pass them on to the root logger's handlers as well."""
     if progress is None:
         yield
         return
     handler = ProgressHandler(progress)
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
+    logger.propagate = False
     if not logger.isEnabledFor(logging.INFO):
         logger.setLevel(logging.INFO)
     try:
@@ -65,6 +68,7 @@ def progress_to(progress: "TextIO | _Stderr | None") -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def say(text: str) -> None:

@@ -28,8 +28,8 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TextIO
 import time
+from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 import torch
 
