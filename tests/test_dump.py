@@ -1,4 +1,4 @@
-"""Issue 7: ``graphlora dump``, the graph-dump debugging tool (docs/dump.md).
+"""``graphlora dump``, the graph-dump debugging tool (docs/dump.md).
 
 Acceptance: (1) dumping the tiny LLaVA writes every format and ``summary.txt`` matches the text
 below; (2) the HTML page opened in headless Chromium lists the LoRA sites and its filter narrows
