@@ -50,6 +50,7 @@ class NodeRow:
 
 
 def group_name(component: str, layer: int | None) -> str:
+    """The component-map node of a component and layer: ``vision/3``, ``projector``."""
     return component if layer is None else f"{component}/{layer}"
 
 
@@ -200,6 +201,7 @@ def traced_graphs(recorder: Recorder, lora_model) -> list[Traced]:
 
 
 def lora_params(lora_model, site) -> int:
+    """The number of LoRA parameters (A and B) of a site (0 when it has no LoRA module)."""
     try:
         module = lora_model.get_submodule(getattr(site, "module", "") or site.name)
         return int(module.lora_A.weight.numel() + module.lora_B.weight.numel())
@@ -209,6 +211,7 @@ def lora_params(lora_model, site) -> int:
 
 
 def summary_numbers(lora_model, facts: GraphFacts) -> dict[str, Any]:
+    """The numbers of ``summary.txt`` and ``summary.json``: per component and in total, and the skipped sites."""
     modules: dict[str, str] = {}  # one entry per labelled module (a module called twice counts once)
     for row in facts.rows:
         if row.kind == "matmul" and row.module is not None:

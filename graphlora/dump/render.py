@@ -21,6 +21,7 @@ from graphlora.labels import COMPONENTS
 
 
 def render_stage(stage: Stage, title: str, include: set[str] | None, flt: NodeFilter | None, total: int) -> str:
+    """The text of ``NN_<stage>.txt``: the nodes ``include`` keeps (all when None), placeholders first."""
     lines = [
         f"# graphlora dump of {title}: stage {stage.index:02d} {stage.name} ({total} stages)",
         f"# {stage.num_nodes} nodes",
@@ -46,12 +47,14 @@ def render_stage(stage: Stage, title: str, include: set[str] | None, flt: NodeFi
 
 
 def diff_text(before: str, after: str, before_name: str, after_name: str) -> str:
+    """The text of ``NN_<stage>.diff``: the unified diff (2 lines of context) between two stage files."""
     a = before.splitlines()
     b = after.splitlines()
     return "\n".join(difflib.unified_diff(a, b, fromfile=before_name, tofile=after_name, lineterm="", n=2)) + "\n"
 
 
 def format_summary(head: list[str], numbers: dict[str, Any]) -> str:
+    """The text of ``summary.txt``: ``head`` lines, the per-component table, the skipped sites."""
     header = ("component", "linears", "lora sites", "fused", "skipped", "trainable params")
     table = [header]
     for c in numbers["components"]:

@@ -79,6 +79,7 @@ def type_str(val: Any) -> str:
 
 
 def target_str(target: Any) -> str:
+    """A call target as print_readable names it (``torch.ops.aten.linear.default``)."""
     if isinstance(target, str):
         return target
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
@@ -143,6 +144,7 @@ def _fmt_decision(decision: Mapping[str, Any]) -> str:
 
 
 def fusion_note(entry: Mapping[str, Any] | None) -> str | None:
+    """``fused``, ``fused: <reason>`` or ``not fused: <reason>`` for a fusion record (None for none)."""
     if entry is None:
         return None
     reason = str(entry.get("reason") or "")
