@@ -4,14 +4,19 @@ Export can change numerics without an error (Phi-4's vision attention is causal 
 bidirectional once exported). So every rewrite runs each traced unit (the whole model, or a region)
 and its eager twin on the same inputs, in eval mode with the same seed, with random non-zero LoRA
 matrices so the inserted branches count, and compares the outputs and the gradients of a scalar loss
-with respect to the LoRA parameters.
+with respect to the LoRA parameters (:func:`compare`).
+
+:func:`compare_outputs` is the same comparison for a program against a model without LoRA (the graph
+dump's check when ``rewrite()`` recorded none): named outputs only, LoRA as it is, no gradients.
+Both run each side with :func:`_run` (seeded, RNG state restored) and judge by :func:`relative_error`
+against :func:`tolerance_for`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -123,6 +128,11 @@ def compare(unit: str, traced: Callable[[], Any], eager: Callable[[], Any], para
     with random_lora(params):
         traced_out, traced_grads = _run(traced, graded)
         eager_out, eager_grads = _run(eager, graded)
+    return _verdict(unit, traced_out, eager_out, traced_grads, eager_grads, gradients)
+
+
+def _verdict(unit: str, traced_out: Any, eager_out: Any, traced_grads: list[torch.Tensor | None],
+             eager_grads: list[torch.Tensor | None], gradients: bool) -> Verification:
     tol = tolerance_for(eager_out)
     out_err = relative_error(traced_out, eager_out)
     grad_err = 0.0
@@ -134,3 +144,52 @@ def compare(unit: str, traced: Callable[[], Any], eager: Callable[[], Any], para
             break
         grad_err = max(grad_err, relative_error([g_t], [g_e]))
     return Verification(unit, out_err <= tol and grad_err <= tol, out_err, grad_err, tol, gradients=gradients)
+
+
+#: The outputs :func:`compare_outputs` compares by default.
+NAMED_OUTPUTS: tuple[str, ...] = ("loss", "logits")
+
+
+@dataclasses.dataclass
+class OutputVerification(Verification):
+    """A comparison of named outputs (:func:`compare_outputs`): ``outputs`` maps each output both runs
+    produced to its largest absolute difference, or to ``"shape (a) vs (b)"`` when the shapes differ."""
+
+    outputs: dict[str, float | str] = dataclasses.field(default_factory=dict)
+
+
+def named_outputs(outputs: Any, names: Sequence[str] = NAMED_OUTPUTS) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of a model's output (a mapping or a ModelOutput-like object); a bare tensor
+    output is ``{"output": tensor}`` when none of the names is found."""
+    found = {}
+    for key in names:
+        value = outputs.get(key) if isinstance(outputs, Mapping) else getattr(outputs, key, None)
+        if isinstance(value, torch.Tensor):
+            found[key] = value
+    if not found and isinstance(outputs, torch.Tensor):
+        found["output"] = outputs
+    return found
+
+
+def compare_outputs(unit: str, traced: Callable[[], Any], eager: Callable[[], Any],
+                    names: Sequence[str] = NAMED_OUTPUTS) -> OutputVerification:
+    """Run both callables once (same seed, no gradients, parameters as they are) and compare the
+    outputs ``names`` that both produce, as :func:`compare` compares outputs.
+
+    For a program checked against a model without LoRA: with LoRA B at zero both must agree.
+    Exceptions of either run propagate.
+    """
+    traced_out, _ = _run(traced, [])
+    eager_out, _ = _run(eager, [])
+    got, want = named_outputs(traced_out, names), named_outputs(eager_out, names)
+    common = [key for key in want if key in got]
+    got, want = {k: got[k] for k in common}, {k: want[k] for k in common}
+    differences: dict[str, float | str] = {}
+    for key in common:
+        a, b = got[key].float(), want[key].float()
+        if a.shape != b.shape:
+            differences[key] = f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        else:
+            differences[key] = float((a - b).abs().max()) if a.numel() else 0.0
+    check = _verdict(unit, got, want, [], [], gradients=False)
+    return OutputVerification(**dataclasses.asdict(check), outputs=differences)

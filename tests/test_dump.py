@@ -1,4 +1,4 @@
-"""Issue 7: ``graphlora dump``, the graph-dump debugging tool (docs/dump.md).
+"""``graphlora dump``, the graph-dump debugging tool (docs/dump.md).
 
 Acceptance: (1) dumping the tiny LLaVA writes every format and ``summary.txt`` matches the text
 below; (2) the HTML page opened in headless Chromium lists the LoRA sites and its filter narrows
@@ -284,7 +284,7 @@ def test_html_map_without_graphviz(llava_cli, chromium, tmp_path):
     """Without Graphviz the page draws the map itself; boxes are clickable ``g.node`` like Graphviz's."""
     import networkx as nx
 
-    from graphlora.dump_html import render_html
+    from graphlora.dump.html import render_html
 
     graph = nx.node_link_graph(json.loads((llava_cli.out / "component_map.json").read_text()), edges="edges")
     rows = [r for r in json.loads((llava_cli.out / "nodes.json").read_text())["nodes"] if r["kind"] != "lora"]
