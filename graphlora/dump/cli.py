@@ -17,6 +17,7 @@ from graphlora.dump.options import FORMATS
 from graphlora.dump.progress import first_line
 from graphlora.dump.run import dump
 from graphlora.errors import GraphLoraError
+from graphlora.trace_modes import TRACE_MODE_CHOICES
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
@@ -64,7 +65,7 @@ def add_dump_parser(subparsers: "argparse._SubParsersAction", model_spec_help: s
     p.add_argument("--no-verify", action="store_true",
                    help="do not compare the rewritten program with the original model")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--trace-mode", default="auto", choices=("auto", "blocks", "whole", "whole_or_regional", "regional"),
+    p.add_argument("--trace-mode", default="auto", choices=TRACE_MODE_CHOICES,
                    help="how to trace (see docs/tracing.md); blocks dumps the analysis recording and one trace per "
                         "block class, regional one trace per region")
     p.add_argument("--fuse", default="auto", choices=("auto", "on", "off"),

@@ -18,6 +18,7 @@ from graphlora.dump.colours import component_colour, status_colour
 from graphlora.dump.options import NodeFilter
 from graphlora.dump.stages import Stage
 from graphlora.labels import COMPONENTS
+from graphlora.text_table import format_table
 
 
 def render_stage(stage: Stage, title: str, include: set[str] | None, flt: NodeFilter | None, total: int) -> str:
@@ -63,10 +64,8 @@ def format_summary(head: list[str], numbers: dict[str, Any]) -> str:
     t = numbers["total"]
     table.append(("total", str(t["linears"]), str(t["sites"]), str(t["fused"]), str(t["skipped"]),
                   f"{t['trainable_params']:,}"))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = list(head) + [""]
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-              for r in table]
+    lines += [line.rstrip() for line in format_table(table, align="l" + "r" * (len(header) - 1))]
     trainable, total = numbers["trainable_params"], numbers["total_params"]
     lines.append(f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.2f}%)")
     if trainable != t["trainable_params"]:
