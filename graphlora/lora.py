@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from graphlora.fusion_default import fusion_skip_reason
 from graphlora.labels import SkipCause
 
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -180,8 +181,9 @@ class GlueLoraForward:
     """``forward`` of an adapted ``nn.Linear`` that runs eagerly (glue between block programs).
 
     Installed on the mirror's module object (its hooks still run around it). With the adapters on it
-    computes ``W x + b + s B A dropout(x)`` with the fused ``graphlora::lora_linear`` op (the op the
-    programs use: Triton on CUDA), or, where the op does not apply (autocast on, an unsupported dtype),
+    computes ``W x + b + s B A dropout(x)`` with the fused ``graphlora::lora_linear`` op where the fuse
+    setting asks for it (the op the programs use: Triton on CUDA), or, where it does not (``fuse="auto"``,
+    autocast on, an unsupported dtype),
     the same sum with plain torch ops as PEFT does; with the adapters off (``disable_adapter()``, merged)
     the plain linear.
     """
@@ -192,7 +194,7 @@ class GlueLoraForward:
         self.scale = scale
         self.dropout = dropout
         self.switch = switch
-        self.fuse = fuse  # True, False or "auto" (the fused op on devices with its kernels: CUDA)
+        self.fuse = fuse  # True, False or "auto" (graphlora/fusion_default.py: unfused for now)
         #: How the last call with the adapters on ran: ``{"fused": bool, "reason": str}`` (fusion_report()).
         self.last = _GLUE_FUSED
 
@@ -202,17 +204,16 @@ class GlueLoraForward:
             return F.linear(x, m.weight, m.bias)
         a, b = m.lora_A.weight, m.lora_B.weight
         p = self.dropout if m.training else 0.0
-        autocast = torch.is_autocast_enabled(x.device.type)
-        fused = self.fuse is True or (self.fuse == "auto" and x.device.type in ("cuda", "meta"))
-        if fused and x.dtype in _FUSABLE_DTYPES and not autocast:
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta has no autocast
+        not_fused = fusion_skip_reason(self.fuse, x.device.type)
+        if not_fused is None and x.dtype in _FUSABLE_DTYPES and not autocast:
             import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
 
             seed = torch.randint(0, _SEED_HIGH, [1], dtype=torch.int64, device=x.device) if p > 0 else None
             self.last = _GLUE_FUSED
             return torch.ops.graphlora.lora_linear(x, m.weight, m.bias, a, b, self.scale, p, seed)
-        if not fused:
-            reason = ("fuse=False" if not self.fuse else f"fuse='auto' on {x.device.type}: the fused op has no "
-                      f"{x.device.type} kernels (its reference implementation costs more than the unfused branch)")
+        if not_fused is not None:
+            reason = not_fused
         elif autocast:
             reason = "autocast is on: the fused op has no autocast rule, so the unfused branch runs"
         else:

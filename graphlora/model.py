@@ -109,7 +109,7 @@ class GraphLoraModel(torch.nn.Module):
         #: Structure vs module-name labels of the analysis graph: {"checked": n, "disagreements": [...]}.
         self.label_check: dict = {}
         #: Replace LoRA branches by the fused graphlora::lora_linear op (fuse_lora_linear pass): True, False, or
-        #: "auto" (on devices where the op has kernels of its own: CUDA).
+        #: "auto" (where measured faster; nowhere yet: graphlora/fusion_default.py).
         self.fuse = fuse
         #: torch.compile every program (True, or a dict of torch.compile keyword arguments).
         self.compile = compile

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from graphlora.fusion_default import fusion_skip_reason
 from graphlora.labels import NodeLabels, SiteDecision
 from graphlora.pass_manager import PassManager, PassRecord
 from graphlora.passes.apply_site_decisions_pass import ApplySiteDecisionsPass
@@ -52,19 +53,6 @@ LOWERING = (LowerSegmentAttentionPass,)
 #: Every stage name a dump can show, in pipeline order.
 STAGES: tuple[str, ...] = (RECORD_STAGE, EXPORT_STAGE) + tuple(
     dict.fromkeys(p.name for p in ANALYSIS + LABELLING + TRANSFORM + LOWERING))
-
-
-#: ``fuse="auto"`` fuses where the fused op has kernels of its own (Triton on CUDA), and on the meta device
-#: (a meta model previews an accelerator run: its dump shows the fused graph).
-FUSED_KERNEL_DEVICES = frozenset({"cuda", "meta"})
-
-
-def fusion_skip_reason(fuse: bool | str, device_type: str) -> str | None:
-    """Why LoRA branches on ``device_type`` are not fused under the ``fuse`` setting (None: they are)."""
-    if fuse == "auto" and device_type not in FUSED_KERNEL_DEVICES:
-        return (f"fuse='auto' on {device_type}: the fused op has no {device_type} kernels (its reference "
-                "implementation costs more than the unfused branch); fuse=True fuses anyway")
-    return None
 
 
 def head_paths(model: torch.nn.Module) -> frozenset[str]:
@@ -138,5 +126,5 @@ class Pipeline:
         return [p() for p in LOWERING if p.applies_to(gm)]
 
 
-__all__ = ["ANALYSIS", "EXPORT_STAGE", "FUSED_KERNEL_DEVICES", "LABELLING", "LOWERING", "Observer", "Pipeline", "RECORD_STAGE",
+__all__ = ["ANALYSIS", "EXPORT_STAGE", "LABELLING", "LOWERING", "Observer", "Pipeline", "RECORD_STAGE",
            "STAGES", "TRANSFORM", "fusion_skip_reason", "head_paths"]

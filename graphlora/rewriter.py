@@ -58,9 +58,9 @@ def rewrite(
     batch); when omitted they are synthesised from the model's config for known families.
 
     ``fuse`` replaces each LoRA branch by the fused ``graphlora::lora_linear`` op (Triton kernels on
-    CUDA, a reference implementation elsewhere): ``"auto"`` (the default) where the op has kernels of its
-    own (CUDA; on the CPU its reference implementation costs more than the unfused branch), ``True``
-    everywhere, ``False`` nowhere. ``lora_model.fusion_report()`` says per site whether it was fused and
+    CUDA, a reference implementation elsewhere): ``True`` wherever the op accepts the inputs, ``False``
+    nowhere, ``"auto"`` (the default) where it was measured to be faster, which is nowhere yet (on an
+    H200 its host cost per call outweighed its GPU gain: graphlora/fusion_default.py, docs/benchmarks.md). ``lora_model.fusion_report()`` says per site whether it was fused and
     why not.
 
     ``compile=True`` (or a dict of ``torch.compile`` options) compiles every traced program with

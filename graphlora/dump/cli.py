@@ -69,5 +69,5 @@ def add_dump_parser(subparsers: "argparse._SubParsersAction", model_spec_help: s
                    help="how to trace (see docs/tracing.md); blocks dumps the analysis recording and one trace per "
                         "block class, regional one trace per region")
     p.add_argument("--fuse", default="auto", choices=("auto", "on", "off"),
-                   help="fuse LoRA branches into graphlora::lora_linear: auto (on CUDA and meta), on, off")
+                   help="fuse LoRA branches into graphlora::lora_linear: auto (where measured faster: nowhere yet), on, off")
     p.set_defaults(func=_cmd_dump)

@@ -192,3 +192,36 @@ def test_settings_that_fuse_nothing_leave_the_graph_unchanged(toy, setting):
     expected = "autocast is on" if setting == "autocast" else "fuse='auto' on cpu"
     assert all(e["reason"].startswith(expected) for e in report.values())
     assert isinstance(passes[1], FuseLoraLinearPass)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "meta"])
+def test_fuse_auto_leaves_branches_unfused_on_every_device_with_the_measured_reason(device_type):
+    """``fuse="auto"`` fuses nowhere (the op was measured slower on CPU and on an H200); True fuses
+    everywhere, False nowhere; the glue LoRA and the pipeline read the same rule."""
+    from graphlora.fusion_default import fusion_skip_reason
+
+    reason = fusion_skip_reason("auto", device_type)
+    assert reason is not None and "fuse=True" in reason
+    assert ("host cost" in reason) == (device_type != "cpu")
+    assert fusion_skip_reason(True, device_type) is None
+    assert fusion_skip_reason(False, device_type) == "fuse=False"
+
+
+def test_glue_lora_on_meta_follows_fuse_auto():
+    """Module-level LoRA of eager glue on the meta device: unfused under "auto", fused under True."""
+    from graphlora.lora import AdapterSwitch, GlueLoraForward
+
+    with torch.device("meta"):
+        base = torch.nn.Linear(8, 6)
+        base.lora_A = torch.nn.Linear(8, 2, bias=False)
+        base.lora_B = torch.nn.Linear(2, 6, bias=False)
+    base.weight.requires_grad_(False)
+    base.bias.requires_grad_(False)
+    results = {}
+    for fuse in ("auto", True):
+        forward = GlueLoraForward(base, scale=1.0, dropout=0.0, switch=AdapterSwitch(), fuse=fuse)
+        out = forward(torch.empty(3, 8, device="meta"))
+        assert out.shape == (3, 6)
+        results[fuse] = forward.last
+    assert results["auto"]["fused"] is False and "host cost" in results["auto"]["reason"]
+    assert results[True]["fused"] is True
