@@ -108,6 +108,8 @@ class GraphLoraModel(torch.nn.Module):
         self.verification: list[Verification] = []
         #: Structure vs module-name labels of the analysis graph: {"checked": n, "disagreements": [...]}.
         self.label_check: dict = {}
+        #: The base model's bitsandbytes layers by module path (graphlora/quantized.py); empty for a float model.
+        self.quantized: dict = {}
         #: Replace LoRA branches by the fused graphlora::lora_linear op (fuse_lora_linear pass): True, False, or
         #: "auto" (where measured faster; nowhere yet: graphlora/fusion_default.py).
         self.fuse = fuse
