@@ -175,6 +175,16 @@ class Linear4bitForward:
         self.module = module
         self.consts = (out_features, in_features, blocksize, blocksize2, quant_type, weight_dtype, compute_dtype)
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` weight these constants encode, in the layer's original dtype."""
+        from graphlora.ops.quantized_linear import dequantize_4bit_weight
+
+        m = self.module
+        nested = getattr(m, ABSMAX2, None)
+        return dequantize_4bit_weight(m.weight, getattr(m, ABSMAX), getattr(m, CODE), nested,
+                                      getattr(m, CODE2, None) if nested is not None else None,
+                                      getattr(m, OFFSET, None) if nested is not None else None, *self.consts[:-1])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         nested = getattr(m, ABSMAX2, None)
@@ -191,6 +201,12 @@ class Linear8bitForward:
         self.module = module
         self.threshold = threshold
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` weight (``CB * SCB / 127``) in float32."""
+        from graphlora.ops.quantized_linear import dequantize_8bit_weight
+
+        return dequantize_8bit_weight(self.module.weight, getattr(self.module, SCB), torch.float32)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         return torch.ops.graphlora.linear_8bit.default(x, m.weight, m.bias, getattr(m, SCB), self.threshold,
@@ -200,6 +216,15 @@ class Linear8bitForward:
 def is_quantized_forward(forward: object) -> bool:
     """Whether a module's ``forward`` is one :func:`install_quantized_forwards` installed."""
     return isinstance(forward, (Linear4bitForward, Linear8bitForward))
+
+
+def dequantized_weight(mirror_module: torch.nn.Module) -> torch.Tensor:
+    """The float ``[out, in]`` weight of a mirror module whose forward :func:`install_quantized_forwards` set."""
+    forward = mirror_module.__dict__.get("forward")
+    forward = getattr(forward, "base", None) or forward  # under a glue LoRA forward
+    if not is_quantized_forward(forward):
+        raise TypeError(f"{type(mirror_module).__name__} has no quantized forward")
+    return forward.dequantized_weight()
 
 
 def install_quantized_forwards(mirror: torch.nn.Module) -> dict[str, QuantizedLayer]:

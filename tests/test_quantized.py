@@ -244,3 +244,86 @@ def test_8bit_op_equals_bitsandbytes_forward_and_input_gradient(threshold, train
     (y_bnb, dx_bnb), (y_ours, dx_ours) = results
     torch.testing.assert_close(y_ours, y_bnb, rtol=0, atol=0)
     torch.testing.assert_close(dx_ours, dx_bnb, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters and merged checkpoints
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def trained_4bit(checkpoints):
+    """(graphlora model over a 4-bit llava with random non-zero LoRA, its inputs)."""
+    quantized, _ = load(checkpoints, "llava", 4)
+    inputs = inputs_for("llava", quantized)
+    lora_model = graphlora.rewrite(quantized, STRATEGIES["full"], inputs)
+    set_random_lora(lora_model, std=0.05)
+    return lora_model.train(), inputs
+
+
+def test_peft_loads_a_graphlora_qlora_adapter_onto_the_same_quantized_base(checkpoints, trained_4bit, tmp_path):
+    from peft import PeftModel
+
+    lora_model, inputs = trained_4bit
+    lora_model.save_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        ours = lora_model(**inputs).logits
+    base, _ = load(checkpoints, "llava", 4)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").train()
+    with torch.no_grad():
+        theirs = peft_model(**inputs).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), lora_model.disable_adapter():
+        plain = lora_model(**inputs).logits
+    assert (ours - plain).abs().max() > 1e-3, "the adapter must change the output"
+
+
+def test_graphlora_loads_a_peft_qlora_adapter(checkpoints, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_base, _ = load(checkpoints, "llava", 4)
+    inputs = inputs_for("llava", peft_base)
+    targets = ["q_proj", "v_proj", "down_proj"]  # in the language model (the last CLIP layer is dead in LLaVA)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=rf".*language_model.*\.({'|'.join(targets)})")
+    peft_model = get_peft_model(peft_base, config)
+    set_random_lora(peft_model, std=0.05)
+    peft_model.train()
+    with torch.no_grad():
+        theirs = peft_model(**inputs).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    base, _ = load(checkpoints, "llava", 4)
+    lora_model = graphlora.load_adapter(base, tmp_path / "peft", example_inputs=inputs).train()
+    assert {s.name.rsplit(".", 1)[1] for s in lora_model.sites} == set(targets)
+    assert all(s.name in lora_model.quantized for s in lora_model.sites)
+    with torch.no_grad():
+        ours = lora_model(**inputs).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_merged_of_a_4bit_model_reloads_as_dequantized_base_plus_lora(trained_4bit, tmp_path, dtype):
+    from transformers import LlavaForConditionalGeneration
+
+    lora_model, inputs = trained_4bit
+    with torch.no_grad():
+        expected = lora_model(**inputs).logits
+    lora_model.save_merged(tmp_path / "merged", dtype=dtype)
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=dtype).train()
+    assert getattr(merged.config, "quantization_config", None) is None
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    assert merged.get_parameter("model.language_model.layers.0.self_attn.q_proj.weight").dtype == dtype
+    with torch.no_grad():
+        got = merged(**{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}).logits.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    else:  # bf16 weights and activations through the whole model: ~3 significant digits
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+    # the live quantized model is untouched and still quantized
+    assert lora_model.quantized and getattr(lora_model.base_model, "hf_quantizer", None) is not None
+
+
+def test_merge_in_place_on_a_quantized_base_is_refused_naming_save_merged(trained_4bit):
+    from graphlora.adapters import AdapterError
+
+    lora_model, _ = trained_4bit
+    with pytest.raises(AdapterError, match=r"quantized .*nf4.*save_merged\(directory\)"):
+        lora_model.merge()
+    assert not lora_model.merged
