@@ -327,3 +327,55 @@ def test_merge_in_place_on_a_quantized_base_is_refused_naming_save_merged(traine
     with pytest.raises(AdapterError, match=r"quantized .*nf4.*save_merged\(directory\)"):
         lora_model.merge()
     assert not lora_model.merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-component quantization from labels
+# ---------------------------------------------------------------------------------------------
+def test_per_component_config_loads_4bit_language_and_float_vision_and_projector_and_trains(checkpoints):
+    directory, float_model = checkpoints("llava")
+    plan = graphlora.quantization_plan(directory, language="nf4", compute_dtype=torch.float32)
+    assert plan.format is QuantFormat.NF4 and not plan.unlabelled
+    model = type(float_model).from_pretrained(directory, quantization_config=plan.bnb_config(), device_map="cpu",
+                                              dtype=torch.float32).train()
+    inputs = inputs_for("llava", model)
+    lora_model = graphlora.rewrite(model, STRATEGIES["full"], inputs)
+    components = {row.name: row.component for row in lora_model.explain_rows()}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {components[n] for n in linears} >= {"language", "vision", "projector", "head"}
+    for name, module in linears.items():  # layer by layer
+        if components[name] == "language":
+            assert isinstance(module, bnb.nn.Linear4bit), name
+            assert module.weight.quant_state.quant_type == "nf4", name
+        else:
+            assert type(module) is torch.nn.Linear and module.weight.dtype == torch.float32, name
+    assert set(lora_model.quantized) == {n for n in linears if components[n] == "language"}
+    rows = {row.name: row for row in lora_model.explain_rows()}
+    assert rows["model.language_model.layers.0.mlp.down_proj"].quantization.startswith("nf4")
+    assert rows["model.multi_modal_projector.linear_1"].quantization is None
+    from graphlora.report import format_explain
+
+    table = format_explain(list(rows.values()))
+    assert "quantization" in table.splitlines()[0] and "float" in table and "nf4 (double quant" in table
+    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = lora_model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_per_component_plan_errors_name_the_component(checkpoints):
+    from graphlora.quantization_plan import QuantizationPlanError
+
+    directory, _ = checkpoints("llava")
+    with pytest.raises(QuantizationPlanError, match="vision='int4'"):
+        graphlora.quantization_plan(directory, vision="int4")
+    with pytest.raises(QuantizationPlanError, match="one format per model.*language=nf4, vision=int8"):
+        graphlora.quantization_plan(directory, language="nf4", vision="int8")
+    plan = graphlora.quantization_plan(directory, language=None)
+    with pytest.raises(QuantizationPlanError, match="quantizes no linear"):
+        plan.bnb_config()
