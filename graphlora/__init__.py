@@ -29,9 +29,9 @@ _LAZY = {
     "GraphLoraModel": "graphlora.model",
     "load_adapter": "graphlora.adapters.load",
     "explain": "graphlora.explainer",
-    "quantization_config": "graphlora.quantization_plan",
-    "quantization_plan": "graphlora.quantization_plan",
-    "QuantizationPlan": "graphlora.quantization_plan",
+    "quantization_config": "graphlora.component_quantization",
+    "quantization_plan": "graphlora.component_quantization",
+    "QuantizationPlan": "graphlora.component_quantization",
 }
 
 

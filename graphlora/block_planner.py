@@ -33,6 +33,7 @@ from graphlora.blocks import BlockClass, block_candidates, block_containing, gro
 from graphlora.errors import ExportFailedError, GraphLoraError, TraceMismatchError
 from graphlora.lora import GlueLoraForward, Site, eager_lora_hooks
 from graphlora.pipeline import RECORD_STAGE
+from graphlora.quantized import is_quantized_forward
 from graphlora.recorder import record_call
 from graphlora.regions import capture_calls
 from graphlora.runtime import BlockRunner, TraceCache, TraceRecord, bind_call, eval_mode, forced_kwargs, is_deterministic

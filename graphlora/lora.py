@@ -196,8 +196,10 @@ class GlueLoraForward:
         self.dropout = dropout
         self.switch = switch
         self.fuse = fuse  # True, False or "auto" (graphlora/fusion_default.py: unfused for now)
-        #: How the last call with the adapters on ran: ``{"fused": bool, "reason": str}`` (fusion_report()).
-        self.last = _GLUE_FUSED
+        #: How the last call with the adapters on ran: ``{"fused": bool, "reason": str}`` (fusion_report());
+        #: before the first call, what the fuse setting and the base layer decide.
+        reason = QUANTIZED_BASE_REASON if base is not None else fusion_skip_reason(fuse, module.weight.device.type)
+        self.last = _GLUE_FUSED if reason is None else {"fused": False, "reason": reason}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module

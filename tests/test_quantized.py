@@ -115,6 +115,39 @@ def test_at_init_outputs_equal_the_quantized_models_and_training_lowers_the_loss
     assert quantized_sites and all(not report[name]["fused"] for name in quantized_sites)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_projector_in_the_eager_glue_trains_and_matches_peft(checkpoints, bits):
+    """LLaVA's projector runs eagerly between block programs: its quantized linears get module-level LoRA
+    over the quantized forward (GlueLoraForward with a base), unfused, with PEFT's gradients."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    ours_base, _ = load(checkpoints, "llava", bits)
+    peft_base, _ = load(checkpoints, "llava", bits)
+    inputs = inputs_for("llava", ours_base)
+    policy = dict(finetune_vision_layers=False, finetune_language_layers=False, finetune_projector=True)
+    lora_model = graphlora.rewrite(ours_base, policy, inputs)
+    names = site_names(lora_model)
+    assert names == ["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"]
+    assert all(n in lora_model.quantized for n in names)
+    report = lora_model.fusion_report()
+    assert all("quantized base layer" in report[n]["reason"] for n in names), report
+    set_random_lora(lora_model, std=0.05)
+    peft_model = get_peft_model(peft_base, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=names))
+    set_peft_model_state_dict(peft_model, lora_model.lora_state_dict(peft_keys=True))
+    loss = lora_model.train()(**inputs).loss
+    loss.backward()
+    peft_loss = peft_model.train()(**inputs).loss
+    peft_loss.backward()
+    torch.testing.assert_close(loss, peft_loss, rtol=1e-5, atol=1e-5)
+    peft_grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for name in names:
+        key = next(k for k in peft_grads if k.endswith(f"{name}.lora_B.default.weight"))
+        torch.testing.assert_close(lora_model.get_submodule(name).lora_B.weight.grad, peft_grads[key],
+                                   rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), lora_model.disable_adapter():  # adapters off: the quantized layer alone
+        torch.testing.assert_close(lora_model(**inputs).logits, ours_base(**inputs).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family,bits", CASES)
 def test_lora_gradients_equal_peft_qlora(checkpoints, family, bits):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -369,7 +402,7 @@ def test_per_component_config_loads_4bit_language_and_float_vision_and_projector
 
 
 def test_per_component_plan_errors_name_the_component(checkpoints):
-    from graphlora.quantization_plan import QuantizationPlanError
+    from graphlora.component_quantization import QuantizationPlanError
 
     directory, _ = checkpoints("llava")
     with pytest.raises(QuantizationPlanError, match="vision='int4'"):
