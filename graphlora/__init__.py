@@ -29,6 +29,9 @@ _LAZY = {
     "GraphLoraModel": "graphlora.model",
     "load_adapter": "graphlora.adapters.load",
     "explain": "graphlora.explainer",
+    "quantization_config": "graphlora.component_quantization",
+    "quantization_plan": "graphlora.component_quantization",
+    "QuantizationPlan": "graphlora.component_quantization",
 }
 
 
@@ -51,6 +54,7 @@ __all__ = [
     "PassError",
     "Policy",
     "PolicyError",
+    "QuantizationPlan",
     "QuantizedBaseLayerError",
     "Role",
     "Rule",
@@ -62,5 +66,7 @@ __all__ = [
     "explain",
     "load_adapter",
     "load_policy",
+    "quantization_config",
+    "quantization_plan",
     "rewrite",
 ]

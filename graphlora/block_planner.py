@@ -33,6 +33,7 @@ from graphlora.blocks import BlockClass, block_candidates, block_containing, gro
 from graphlora.errors import ExportFailedError, GraphLoraError, TraceMismatchError
 from graphlora.lora import GlueLoraForward, Site, eager_lora_hooks
 from graphlora.pipeline import RECORD_STAGE
+from graphlora.quantized import is_quantized_forward
 from graphlora.recorder import record_call
 from graphlora.regions import capture_calls
 from graphlora.runtime import BlockRunner, TraceCache, TraceRecord, bind_call, eval_mode, forced_kwargs, is_deterministic
@@ -248,7 +249,9 @@ class BlockPlanner(PlannerPart):
                 continue
             if site.kind == "linear":
                 module = owner.get_submodule(site.module)
-                module.forward = GlueLoraForward(module, site.scale, site.dropout, owner.switch, owner.fuse)
+                base = module.__dict__.get("forward")  # a quantized layer's forward (graphlora/quantized.py)
+                module.forward = GlueLoraForward(module, site.scale, site.dropout, owner.switch, owner.fuse,
+                                                 base=base if is_quantized_forward(base) else None)
                 self.glue_forwards.append(site.module)
             else:
                 self.glue_param_sites.append(site)
@@ -259,7 +262,10 @@ class BlockPlanner(PlannerPart):
         for path in list(runtime.block_class_of):
             self.mirror.get_submodule(path).__dict__.pop("forward", None)
         for path in self.glue_forwards:
-            self.owner.get_submodule(path).__dict__.pop("forward", None)
+            module = self.owner.get_submodule(path)
+            glue = module.__dict__.pop("forward", None)
+            if getattr(glue, "base", None) is not None:
+                module.forward = glue.base
         self.glue_forwards, self.glue_param_sites = [], []
         runtime.block_class_of.clear()
         runtime.block_caches.clear()

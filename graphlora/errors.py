@@ -45,11 +45,12 @@ class PeftConversionWarning(UserWarning):
 
 
 class UnsupportedModelError(GraphLoraError, TypeError):
-    """The model (or one of its layers) cannot be rewritten, e.g. a quantized base layer."""
+    """The model (or one of its layers) cannot be rewritten, e.g. a base layer in an unsupported quantization."""
 
 
 class QuantizedBaseLayerError(UnsupportedModelError):
-    """A base layer is quantized (bitsandbytes, torchao ...): LoRA over it is not supported yet."""
+    """A base layer is quantized in a format graphlora does not train over (GPTQ, AWQ, torchao, ...; bitsandbytes
+    4/8-bit is supported), or its quantization state cannot be used (docs/quantization.md)."""
 
 
 class ExportFailedError(GraphLoraError, RuntimeError):

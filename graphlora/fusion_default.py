@@ -19,6 +19,10 @@ was measured to be faster:
 
 from __future__ import annotations
 
+#: Why a LoRA branch over a quantized base layer (graphlora::linear_4bit / linear_8bit) is never fused.
+QUANTIZED_BASE_REASON = ("quantized base layer: the fused op has no quantized-weight kernel, so the branch is "
+                         "added to the bitsandbytes matmul's output unfused")
+
 #: Devices whose Triton kernels exist but are not chosen by ``fuse="auto"`` (see the module docstring).
 KERNEL_DEVICES = frozenset({"cuda", "meta"})
 

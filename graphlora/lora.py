@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from graphlora.fusion_default import fusion_skip_reason
+from graphlora.fusion_default import QUANTIZED_BASE_REASON, fusion_skip_reason
 from graphlora.labels import SkipCause
 
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -183,29 +183,34 @@ class GlueLoraForward:
     Installed on the mirror's module object (its hooks still run around it). With the adapters on it
     computes ``W x + b + s B A dropout(x)`` with the fused ``graphlora::lora_linear`` op where the fuse
     setting asks for it (the op the programs use: Triton on CUDA), or, where it does not (``fuse="auto"``,
-    autocast on, an unsupported dtype),
-    the same sum with plain torch ops as PEFT does; with the adapters off (``disable_adapter()``, merged)
-    the plain linear.
+    autocast on, an unsupported dtype, a quantized base layer), the same sum with plain torch ops as PEFT
+    does; with the adapters off (``disable_adapter()``, merged) the plain linear. ``base`` is the forward
+    a quantized layer's mirror module already has (graphlora/quantized.py): it computes ``W x + b`` then.
     """
 
     def __init__(self, module: torch.nn.Linear, scale: float, dropout: float, switch: AdapterSwitch,
-                 fuse: bool | str = "auto"):
+                 fuse: bool | str = "auto", base: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.module = module
+        self.base = base
         self.scale = scale
         self.dropout = dropout
         self.switch = switch
         self.fuse = fuse  # True, False or "auto" (graphlora/fusion_default.py: unfused for now)
-        #: How the last call with the adapters on ran: ``{"fused": bool, "reason": str}`` (fusion_report()).
-        self.last = _GLUE_FUSED
+        #: How the last call with the adapters on ran: ``{"fused": bool, "reason": str}`` (fusion_report());
+        #: before the first call, what the fuse setting and the base layer decide.
+        reason = QUANTIZED_BASE_REASON if base is not None else fusion_skip_reason(fuse, module.weight.device.type)
+        self.last = _GLUE_FUSED if reason is None else {"fused": False, "reason": reason}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if not self.switch.enabled:
-            return F.linear(x, m.weight, m.bias)
+            return F.linear(x, m.weight, m.bias) if self.base is None else self.base(x)
         a, b = m.lora_A.weight, m.lora_B.weight
         p = self.dropout if m.training else 0.0
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta has no autocast
         not_fused = fusion_skip_reason(self.fuse, x.device.type)
+        if not_fused is None and self.base is not None:
+            not_fused = QUANTIZED_BASE_REASON
         if not_fused is None and x.dtype in _FUSABLE_DTYPES and not autocast:
             import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
 
@@ -220,7 +225,7 @@ class GlueLoraForward:
             reason = f"x has dtype {x.dtype}"
         if self.last.get("reason") != reason:
             self.last = {"fused": False, "reason": reason}
-        result = F.linear(x, m.weight, m.bias)
+        result = F.linear(x, m.weight, m.bias) if self.base is None else self.base(x)
         h = F.dropout(x.to(a.dtype), p, m.training)
         return (result + F.linear(F.linear(h, a), b) * self.scale).to(result.dtype)
 

@@ -108,6 +108,8 @@ class GraphLoraModel(torch.nn.Module):
         self.verification: list[Verification] = []
         #: Structure vs module-name labels of the analysis graph: {"checked": n, "disagreements": [...]}.
         self.label_check: dict = {}
+        #: The base model's bitsandbytes layers by module path (graphlora/quantized.py); empty for a float model.
+        self.quantized: dict = {}
         #: Replace LoRA branches by the fused graphlora::lora_linear op (fuse_lora_linear pass): True, False, or
         #: "auto" (where measured faster; nowhere yet: graphlora/fusion_default.py).
         self.fuse = fuse
@@ -441,7 +443,9 @@ class GraphLoraModel(torch.nn.Module):
         rows = [dataclasses.replace(r, targeted=False, r=None, alpha=None, skipped=True, reason=refused[r.name].reason)
                 if r.name in refused else r for r in rows]
         names_say = {d["site"]: "/".join(d["names"]) for d in self.label_check.get("disagreements", [])}
-        return [dataclasses.replace(r, names_say=names_say[r.name]) if r.name in names_say else r for r in rows]
+        rows = [dataclasses.replace(r, names_say=names_say[r.name]) if r.name in names_say else r for r in rows]
+        quantized = {path: layer.describe() for path, layer in self.quantized.items()}
+        return [dataclasses.replace(r, quantization=quantized[r.name]) if r.name in quantized else r for r in rows]
 
     def fusion_report(self) -> dict[str, dict]:
         """Per site: ``{"fused": bool, "reason": str}``.

@@ -25,6 +25,8 @@ class ExplainRow:
     skipped: bool = False
     #: ``component/role`` by the module-name rules where they disagree with the structural labels, else None.
     names_say: str | None = None
+    #: The base layer's quantization (``nf4 (double quant, compute bfloat16)``, ``int8 (threshold 6)``), else None.
+    quantization: str | None = None
 
 
 def explain_program(program: Program) -> list[ExplainRow]:
@@ -51,10 +53,12 @@ def explain_program(program: Program) -> list[ExplainRow]:
 
 
 def format_explain(rows: list[ExplainRow]) -> str:
-    """A fixed-width table of explain rows (with a ``names say`` column when names and structure disagree)."""
+    """A fixed-width table of explain rows (with a ``names say`` column when names and structure disagree, and a
+    ``quantization`` column when any base layer is quantized)."""
     disagree = any(row.names_say for row in rows)
+    quantized = any(row.quantization for row in rows)
     header = ("module", "component", "role", "layer", "lora", "r", "alpha") + (("names say",) if disagree else ()) + \
-        ("reason",)
+        (("quantization",) if quantized else ()) + ("reason",)
     table = [header]
     for row in rows:
         table.append((
@@ -62,7 +66,8 @@ def format_explain(rows: list[ExplainRow]) -> str:
             "yes" if row.targeted else ("skipped" if row.skipped else "no"),
             "-" if row.r is None else str(row.r),
             "-" if row.alpha is None else f"{row.alpha:g}",
-        ) + ((row.names_say or "-",) if disagree else ()) + (row.reason,))
+        ) + ((row.names_say or "-",) if disagree else ()) + ((row.quantization or "float",) if quantized else ())
+            + (row.reason,))
     return "\n".join(format_table(table, pad_last=False))
 
 

@@ -14,7 +14,7 @@ from graphlora.errors import PolicyError
 from graphlora.mirror import mirror_module
 from graphlora.model import GraphLoraModel
 from graphlora.policy import Policy, as_policy, load_policy_source
-from graphlora.quantized import check_no_quantized_layers
+from graphlora.quantized import check_supported_quantization, install_quantized_forwards
 
 
 def _default_example_inputs(model: torch.nn.Module) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def rewrite(
     policy = as_policy(policy)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"rewrite() takes an nn.Module, not {type(model).__name__}")
-    check_no_quantized_layers(model)
+    check_supported_quantization(model)
     families.check_not_refused(model)
     if example_inputs is None:
         example_inputs = _default_example_inputs(model)
@@ -102,6 +102,7 @@ def rewrite(
     for p in model.parameters():
         p.requires_grad_(False)
     mirror = mirror_module(model)
+    quantized = install_quantized_forwards(mirror)
     if policy.modules_to_save:
         try:
             _apply_modules_to_save(mirror, policy.modules_to_save)
@@ -110,6 +111,7 @@ def rewrite(
             raise PolicyError(f"{where}: {e}" if where else str(e), key_path=e.key_path) from None
     lora_model = GraphLoraModel(model, mirror, policy, cache_size=cache_size, fuse=fuse, compile=compile)
     lora_model.observer = observer
+    lora_model.quantized = quantized
     # The planner analyses the model, decides the sites, creates the LoRA parameters and traces.
     try:
         lora_model.planner.setup(example_inputs, verify=verify, trace_mode=trace_mode)

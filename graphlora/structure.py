@@ -6,7 +6,7 @@ Everything here reads the graph (dataflow, op types, module-stack *shape*) and n
   inputs are their own modality) and which carry the token stream (``input_ids`` / ``inputs_embeds``,
   the token-id inputs of the HF forward API);
 * **dependencies** — for every node, the set of modalities it is computed from;
-* **trainable matmuls** — ``aten.linear`` and ``matmul``/``mm``/``bmm`` nodes whose weight is a
+* **trainable matmuls** — ``aten.linear`` (and graphlora's quantized linear ops) and ``matmul``/``mm``/``bmm`` nodes whose weight is a
   parameter placeholder (possibly viewed/transposed/cast), with their kind (nn.Linear, F.linear on a
   parameter, raw parameter matmul, 3-D expert matmul);
 * **blocks** — repeated modules: the outermost module of a node's module stack that is an integer-indexed
@@ -27,13 +27,16 @@ from typing import Iterable
 import torch
 import torch.fx
 
+import graphlora.ops.quantized_linear  # noqa: F401 - registers torch.ops.graphlora.linear_4bit / linear_8bit
 import graphlora.ops.segment_attention  # noqa: F401 - registers torch.ops.graphlora.segment_attention
 
 aten = torch.ops.aten
 
 IMAGE, TEXT, AUDIO = "image", "text", "audio"
 
-LINEAR_OPS = {aten.linear.default}
+#: bitsandbytes layers of the mirror (graphlora/quantized.py): ``op(x, weight, bias, ...)`` like ``aten.linear``.
+QUANTIZED_LINEAR_OPS = {torch.ops.graphlora.linear_4bit.default, torch.ops.graphlora.linear_8bit.default}
+LINEAR_OPS = {aten.linear.default} | QUANTIZED_LINEAR_OPS
 MATMUL_OPS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
 #: Ops through which a parameter stays "the weight" of a matmul.
 WEIGHT_VIEW_OPS = {

@@ -17,6 +17,7 @@ alpha, dropout 0, same batch.
     python tools/bench_train_step.py                 # ~100M config, prints a table (a few minutes on 2 cores)
     python tools/bench_train_step.py --smoke         # tiny config, 2 steps (the test suite runs this)
     python tools/bench_train_step.py --profile       # also: top ops of one step of each, by self CPU time
+    python tools/bench_train_step.py --quantized nf4 # QLoRA: both over the same 4-bit base; 4-bit vs 16-bit weights
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,14 +67,65 @@ def bench_config(smoke: bool):
     return config
 
 
-def build_base(smoke: bool, device: str):
+def build_base(smoke: bool, device: str, quantized: str | None = None):
+    """The benchmark model in fp32; with ``quantized`` (nf4 / fp4 / int8) saved once and loaded back through
+    ``from_pretrained`` with a ``BitsAndBytesConfig``, as a user loads a QLoRA base."""
     import transformers
 
     config = bench_config(smoke)
+    if quantized and smoke:
+        from graphlora.testing.quantized import widen_config
+
+        widen_config(config)  # bitsandbytes' 4-bit CPU kernels want in-features that are multiples of 64
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.LlavaForConditionalGeneration(config)
-    return model.float().train().to(device)
+    model = model.float().train()
+    if not quantized:
+        return model.to(device)
+    from graphlora.testing.quantized import bnb_config
+
+    directory = Path(tempfile.gettempdir()) / f"graphlora-bench-train-step-{'smoke' if smoke else '100m'}"
+    if not (directory / "config.json").exists():
+        model.save_pretrained(directory)
+    bits, quant_type = (8, "nf4") if quantized == "int8" else (4, quantized)
+    loaded = transformers.LlavaForConditionalGeneration.from_pretrained(
+        directory, quantization_config=bnb_config(bits, quant_type, double_quant=True), device_map=device,
+        dtype=torch.float32)
+    return loaded.train()
+
+
+def weight_breakdown(model: torch.nn.Module) -> dict[str, float]:
+    """MB of a quantized model's weights: its bitsandbytes linears as stored (packed weights, block scales and
+    other constants, bias) and as 16-bit tensors of the same shapes; its other parameters and buffers as
+    loaded and in 16 bits."""
+    from graphlora.quantized import bitsandbytes_format
+
+    def nbytes(t):
+        return t.numel() * t.element_size()
+
+    quantized = quantized_16 = 0
+    seen: set[int] = set()
+    for m in model.modules():
+        if bitsandbytes_format(m) is None:
+            continue
+        tensors = [m.weight] + ([m.bias] if m.bias is not None else [])
+        state = getattr(m.weight, "quant_state", None)
+        if state is not None:  # 4-bit: block scales and code tables
+            tensors += [v for v in state.as_dict(packed=True).values() if isinstance(v, torch.Tensor)]
+        scb = getattr(getattr(m, "state", None), "SCB", None)
+        scb = scb if scb is not None else getattr(m.weight, "SCB", None)
+        if scb is not None:  # 8-bit: per-row scales
+            tensors.append(scb)
+        quantized += sum(nbytes(t) for t in tensors)
+        quantized_16 += 2 * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
+        seen.update(id(t) for t in (m.weight, m.bias) if t is not None)
+    others = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in seen}
+    other = sum(nbytes(t) for t in others.values())
+    other_16 = sum(2 * t.numel() if t.is_floating_point() else nbytes(t) for t in others.values())
+    mb = 2**20
+    return {"quantized_linears_mb": quantized / mb, "quantized_linears_16bit_mb": quantized_16 / mb,
+            "other_weights_mb": other / mb, "other_weights_16bit_mb": other_16 / mb}
 
 
 def make_batch(model, smoke: bool, device: str) -> dict:
@@ -82,11 +135,12 @@ def make_batch(model, smoke: bool, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def build(kind: str, smoke: bool, device: str, site_names: list[str] | None = None, fuse: bool = True):
+def build(kind: str, smoke: bool, device: str, site_names: list[str] | None = None, fuse: bool = True,
+          quantized: str | None = None):
     """(model, batch, setup seconds, site names) for kind "graphlora" or "peft"."""
     import graphlora
 
-    base = build_base(smoke, device)
+    base = build_base(smoke, device, quantized)
     batch = make_batch(base, smoke, device)
     t0 = time.perf_counter()
     if kind == "graphlora":
@@ -96,7 +150,7 @@ def build(kind: str, smoke: bool, device: str, site_names: list[str] | None = No
         import peft
 
         if site_names is None:  # the sites graphlora picks (no training, no verification needed for the names)
-            probe = graphlora.rewrite(build_base(smoke, device), POLICY, example_inputs=batch, verify=False)
+            probe = graphlora.rewrite(build_base(smoke, device, quantized), POLICY, example_inputs=batch, verify=False)
             site_names = sorted(s.name for s in probe.sites)
             del probe
             t0 = time.perf_counter()
@@ -140,8 +194,8 @@ def _status_kb(field: str) -> int:
 
 
 def child(kind: str, smoke: bool, device: str, warmup: int, steps: int, sites: list[str] | None,
-          fuse: bool = True) -> dict:
-    model, batch, setup_s, names = build(kind, smoke, device, sites, fuse)
+          fuse: bool = True, quantized: str | None = None) -> dict:
+    model, batch, setup_s, names = build(kind, smoke, device, sites, fuse, quantized)
     optimizer = optimizer_for(model)
     for _ in range(warmup):
         train_step(model, optimizer, batch, device)
@@ -180,7 +234,7 @@ def run_children(kinds: list[str], args, sites: list[str], parallel: bool = Fals
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--device", args.device,
                "--warmup", str(args.warmup), "--steps", str(args.mem_steps), "--threads", str(args.threads),
                "--sites-json", json.dumps(sites)] + (["--smoke"] if args.smoke else []) + \
-              (["--no-fuse"] if args.no_fuse else [])
+              (["--no-fuse"] if args.no_fuse else []) + (["--quantized", args.quantized] if args.quantized else [])
         if not parallel:
             print(f"memory: {kind} in its own process ...", flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -244,6 +298,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-fuse", action="store_true", help="graphlora without the fused lora_linear op")
+    parser.add_argument("--quantized", choices=("nf4", "fp4", "int8"), default=None,
+                        help="QLoRA: both models over the same bitsandbytes-quantized base (graphlora vs PEFT QLoRA)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--child", choices=("graphlora", "peft"), help=argparse.SUPPRESS)
     parser.add_argument("--sites-json", default=None, help=argparse.SUPPRESS)
@@ -255,7 +311,8 @@ def main(argv=None) -> dict:
 
     if args.child:
         sites = json.loads(args.sites_json) if args.sites_json else None
-        result = child(args.child, args.smoke, args.device, args.warmup, args.steps, sites, not args.no_fuse)
+        result = child(args.child, args.smoke, args.device, args.warmup, args.steps, sites, not args.no_fuse,
+                       args.quantized)
         print(json.dumps(result))
         return result
 
@@ -263,9 +320,20 @@ def main(argv=None) -> dict:
     import transformers
 
     print(f"building both models ({'smoke' if args.smoke else '~100M'} config, device {args.device}, "
-          f"{args.threads} thread(s)) ...", flush=True)
-    g_model, batch, g_setup, sites = build("graphlora", args.smoke, args.device, fuse=not args.no_fuse)
-    p_model, p_batch, p_setup, p_sites = build("peft", args.smoke, args.device, sites)
+          f"{args.threads} thread(s){', base in ' + args.quantized if args.quantized else ''}) ...", flush=True)
+    g_model, batch, g_setup, sites = build("graphlora", args.smoke, args.device, fuse=not args.no_fuse,
+                                           quantized=args.quantized)
+    p_model, p_batch, p_setup, p_sites = build("peft", args.smoke, args.device, sites, quantized=args.quantized)
+    weights = {}
+    if args.quantized:
+        weights = weight_breakdown(g_model.base_model)
+        w = weights
+        print(f"quantized linears: {w['quantized_linears_mb']:.1f} MB in {args.quantized} (constants included) "
+              f"against {w['quantized_linears_16bit_mb']:.1f} MB in 16 bits "
+              f"({w['quantized_linears_mb'] / w['quantized_linears_16bit_mb']:.3f}); whole model as loaded "
+              f"{w['quantized_linears_mb'] + w['other_weights_mb']:.1f} MB (other weights in fp32), all in 16 bits "
+              f"{w['quantized_linears_16bit_mb'] + w['other_weights_16bit_mb']:.1f} MB; 4-bit linears + 16-bit "
+              f"rest {w['quantized_linears_mb'] + w['other_weights_16bit_mb']:.1f} MB", flush=True)
     if p_sites != sites:
         raise RuntimeError(f"PEFT adapted other modules than graphlora: {sorted(set(p_sites) ^ set(sites))[:5]}")
     g_trainable, total = count_params(g_model)
@@ -324,7 +392,8 @@ def main(argv=None) -> dict:
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpu_count": os.cpu_count(),
         "device": args.device, "threads": args.threads, "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__, "params_m": total / 1e6,
-        "sites": len(sites), "r": R, "graphlora_fuse": not args.no_fuse, "tokens": tokens, "steps": args.steps,
+        "sites": len(sites), "r": R, "graphlora_fuse": not args.no_fuse, "quantized": args.quantized,
+        "weights_mb": weights, "tokens": tokens, "steps": args.steps,
         "warmup": args.warmup,
         "first_loss": first_loss,
     }

@@ -81,6 +81,12 @@ def merge(lora_model: "GraphLoraModel") -> None:
         return
     if not lora_model.adapters_enabled:
         raise AdapterError("merge() inside disable_adapter(): leave the block first")
+    if lora_model.quantized:
+        first = next(iter(lora_model.quantized.values()))
+        raise AdapterError(
+            f"merge(): the base model is quantized ({len(lora_model.quantized)} bitsandbytes layers, e.g. {first.path}: "
+            f"{first.describe()}); merging in place would have to re-quantize W + s B A and lose the adapter's "
+            "change in rounding. Use save_merged(directory), which writes a 16-bit merged checkpoint")
     tied = _tied_names(lora_model)
     todo = []
     for site in lora_model.sites:
@@ -127,11 +133,35 @@ def unmerge(lora_model: "GraphLoraModel") -> None:
 # =====================================================================================================
 # save_merged
 # =====================================================================================================
-def merged_state_dict(lora_model: "GraphLoraModel") -> dict[str, torch.Tensor]:
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters that are not quantized (its 16/32-bit dtype)."""
+    for p in model.parameters():
+        if p.dtype.is_floating_point and type(p) is torch.nn.Parameter:
+            return p.dtype
+    return torch.float32
+
+
+def _dequantized_state(lora_model: "GraphLoraModel", state: dict[str, torch.Tensor],
+                       dtype: torch.dtype) -> None:
+    """Replace every quantized layer's packed weight and quantization-state entries in ``state`` by its
+    dequantized ``[out, in]`` weight in ``dtype``."""
+    from graphlora.quantized import dequantized_weight
+
+    for path in lora_model.quantized:
+        prefix = f"{path}.weight."
+        for key in [k for k in state if k.startswith(prefix) or k in (f"{path}.SCB", f"{path}.weight_format")]:
+            del state[key]
+        state[f"{path}.weight"] = dequantized_weight(lora_model.get_submodule(path)).to(dtype)
+
+
+def merged_state_dict(lora_model: "GraphLoraModel", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The original model's state dict with ``W + s B A`` for every site and the ``modules_to_save`` copies
-    in place of the originals; merged tensors are new (the live model is not touched)."""
+    in place of the originals; merged tensors are new (the live model is not touched). A quantized model's
+    layers are dequantized first and written in ``dtype`` (default: the model's unquantized float dtype)."""
     original = lora_model.base_model
     state = original.state_dict()
+    if lora_model.quantized:
+        _dequantized_state(lora_model, state, dtype or _float_dtype(original))
     for path in modules_to_save_paths(original, lora_model.policy.modules_to_save):
         for key, value in lora_model.get_submodule(path).state_dict().items():
             full = f"{path}.{key}"
@@ -140,6 +170,9 @@ def merged_state_dict(lora_model: "GraphLoraModel") -> dict[str, torch.Tensor]:
     saved = _merge_state(lora_model)
     for site in lora_model.sites:
         name = _weight_name(site)
+        if site.module in lora_model.quantized:
+            state[name] = _merged_weight(lora_model, site, state[name])  # the dequantized weight
+            continue
         live = lora_model.get_parameter(name)
         base = saved.originals[name].to(device=live.device, dtype=live.dtype) if saved else live
         state[name] = _merged_weight(lora_model, site, base)
@@ -172,8 +205,10 @@ def _untie_if_needed(lora_model: "GraphLoraModel", state: dict[str, torch.Tensor
 
 
 def save_merged(lora_model: "GraphLoraModel", directory: str | os.PathLike, overwrite: bool = False, *,
-                max_shard_size: int | str = "50GB") -> Path:
-    """Write a plain transformers checkpoint of the merged model (see GraphLoraModel.save_merged)."""
+                max_shard_size: int | str = "50GB", dtype: torch.dtype | None = None) -> Path:
+    """Write a plain transformers checkpoint of the merged model (see GraphLoraModel.save_merged). A quantized
+    model is written dequantized, in ``dtype`` (default: its unquantized float dtype), with no quantization
+    config: ``from_pretrained`` loads it as a float model (Unsloth's ``merged_16bit``)."""
     original = lora_model.base_model
     if not hasattr(original, "save_pretrained") or not hasattr(original, "config"):
         raise AdapterError(f"save_merged() needs a transformers PreTrainedModel, not {type(original).__name__}")
@@ -182,21 +217,31 @@ def save_merged(lora_model: "GraphLoraModel", directory: str | os.PathLike, over
     existing = sorted(n for n in os.listdir(directory) if n in _MERGED_FILES or _SHARD_RE.fullmatch(n))
     if existing and not overwrite:
         raise AdapterExistsError(f"{directory} already holds a checkpoint ({', '.join(existing)}); pass overwrite=True")
-    state = merged_state_dict(lora_model)
+    state = merged_state_dict(lora_model, dtype)
     config = copy.deepcopy(original.config)
     _untie_if_needed(lora_model, state, config)
+    quantizer_attrs = {}
+    if lora_model.quantized:  # a float checkpoint: no quantization config, and no quantizer rewriting the state
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            config.__dict__.pop(attr, None)
+        quantizer_attrs = {"hf_quantizer": None, "is_quantized": False}
     tmp = Path(tempfile.mkdtemp(prefix=".graphlora-merged-", dir=directory))
     live_config = original.__dict__.get("config")
     live_generation = original.__dict__.get("generation_config")
+    live_quantizer = {attr: original.__dict__[attr] for attr in quantizer_attrs if attr in original.__dict__}
     try:
         # save_pretrained writes (and stamps dtype/architectures on) the model's config: hand it a copy.
         original.__dict__["config"] = config
+        original.__dict__.update(quantizer_attrs)
         if live_generation is not None:
             original.__dict__["generation_config"] = copy.deepcopy(live_generation)
         try:
             original.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
         finally:
             original.__dict__["config"] = live_config
+            for attr in quantizer_attrs:
+                original.__dict__.pop(attr, None)
+            original.__dict__.update(live_quantizer)
             if live_generation is not None:
                 original.__dict__["generation_config"] = live_generation
         written = sorted(p.name for p in tmp.iterdir() if p.is_file())

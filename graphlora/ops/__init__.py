@@ -2,7 +2,9 @@
 
 Importing this package registers ``torch.ops.graphlora.lora_linear`` and
 ``torch.ops.graphlora.lora_linear_group`` (and their backward ops), and
-``torch.ops.graphlora.segment_attention`` (attention within the segments of a packed sequence). Call them through
+``torch.ops.graphlora.segment_attention`` (attention within the segments of a packed sequence), and
+``torch.ops.graphlora.linear_4bit`` / ``linear_8bit`` (bitsandbytes base layers as opaque nodes; they import
+bitsandbytes only when they run). Call them through
 ``torch.ops.graphlora.*`` or ``graphlora.ops.lora_linear.lora_linear`` (the submodule
 ``graphlora.ops.lora_linear`` keeps its module name; the function is not re-exported here so the
 two do not shadow each other). The Triton kernels in ``graphlora.ops.triton_kernels`` are imported
@@ -10,7 +12,7 @@ lazily, on the first CUDA call (or when a test asks for them), so ``TRITON_INTER
 before they are defined.
 """
 
-from . import dropout_rng, lora_linear, segment_attention
+from . import dropout_rng, lora_linear, quantized_linear, segment_attention
 from .lora_linear import (
     lora_linear_group,
     main_gemm_backend,
@@ -27,6 +29,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_group",
     "main_gemm_backend",
+    "quantized_linear",
     "reference_lora_linear",
     "reference_lora_linear_backward",
     "reference_lora_linear_group",

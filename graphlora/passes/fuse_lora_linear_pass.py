@@ -21,9 +21,11 @@ import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
+from graphlora.fusion_default import QUANTIZED_BASE_REASON
 from graphlora.fx_utils import propagate_fake_value
 from graphlora.labels import (LORA_STEPS, PARAM_STEP, get_base_node, get_decision, get_labels, get_site_step, graph_meta,
                               set_base_node, set_decision, set_fusion_group, set_labels, set_site_step)
+from graphlora.structure import QUANTIZED_LINEAR_OPS
 from graphlora.trace import fake_mode_of
 
 aten = torch.ops.aten
@@ -50,6 +52,8 @@ def _branch_problem(steps: dict[str, torch.fx.Node]) -> str | None:
     if any(step not in steps for step in LORA_STEPS):
         return "the branch is incomplete (an earlier pass changed it)"
     base, cast_in, drop, la, lb, sc, add, out = (steps[s] for s in LORA_STEPS)
+    if base.target in QUANTIZED_LINEAR_OPS:
+        return QUANTIZED_BASE_REASON
     if base.target != aten.linear.default:
         return f"its base op is {base.target} (a raw parameter matmul), not a linear"
     x = base.args[0]

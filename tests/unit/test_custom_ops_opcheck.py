@@ -1,5 +1,6 @@
 """torch.library.opcheck on every graphlora custom op: schema, autograd registration, fake (meta) implementation
-against the real one, and AOT dispatch with static and dynamic shapes, on small float32 inputs.
+against the real one, and AOT dispatch with static and dynamic shapes, on small float32 inputs (the quantized
+linear ops on bitsandbytes layers quantized on the CPU; skipped without bitsandbytes).
 
 Forward ops get inputs that require grad where the op has a backward (x and the LoRA matrices; base weights are
 frozen, as the ops demand), so the AOT checks also compare gradients. The backward ops have no derivative of their
@@ -90,7 +91,44 @@ def _segment_attention_backward(grad):
     return _t(1, 2, 7, 4, seed=70, grad=grad), q, k, v, out, lse, cu, scale
 
 
+def _bnb_layer(bits: int, double_quant: bool = False):
+    """A frozen bitsandbytes linear [16 -> 8] with bias, quantized on the CPU (skips without bitsandbytes)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(64, 8, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                                      compress_statistics=double_quant)
+        else:
+            layer = bnb.nn.Linear8bitLt(64, 8, bias=True, has_fp16_weights=False, threshold=6.0)
+    return layer.to("cpu").requires_grad_(False)
+
+
+def _linear_4bit(double_quant: bool):
+    def args(grad):
+        layer = _bnb_layer(4, double_quant)
+        state = layer.weight.quant_state
+        nested = (state.state2.absmax, state.state2.code, torch.as_tensor(state.offset)) if state.nested else (None,) * 3
+        packed = layer.weight.data.as_subclass(torch.Tensor)
+        return (_t(2, 3, 64, seed=80, grad=grad), packed, layer.bias.data.as_subclass(torch.Tensor), state.absmax,
+                state.code, *nested, 8, 64, state.blocksize, state.state2.blocksize if state.nested else 0,
+                state.quant_type, state.dtype, torch.float32)
+    return args
+
+
+def _linear_8bit(training: bool):
+    def args(grad):
+        layer = _bnb_layer(8)
+        return (_t(2, 3, 64, seed=81, grad=grad), layer.weight.data.as_subclass(torch.Tensor),
+                layer.bias.data.as_subclass(torch.Tensor), layer.weight.SCB, 6.0, training)
+    return args
+
+
 CASES = [
+    Case("linear_4bit[nf4]", ops.linear_4bit.default, _linear_4bit(False), True),
+    Case("linear_4bit[nf4, double quant]", ops.linear_4bit.default, _linear_4bit(True), True),
+    Case("linear_8bit[eval]", ops.linear_8bit.default, _linear_8bit(False), True),
+    Case("linear_8bit[training]", ops.linear_8bit.default, _linear_8bit(True), True),
     Case("lora_linear[bias]", ops.lora_linear.default, _lora_linear(True, 0.0), True),
     Case("lora_linear[dropout]", ops.lora_linear.default, _lora_linear(False, 0.25), True),
     Case("lora_linear_group[mixed biases, dropout]", ops.lora_linear_group.default,
