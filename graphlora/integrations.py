@@ -70,12 +70,17 @@ class GraphLoraTrainerMixin:
       the processing class and ``training_args.bin`` as Trainer does;
     * ``_load_from_checkpoint`` / ``_load_best_model`` load the adapter tensors into the live model;
     * the label columns (``label_names``) are read from the original model's forward, so evaluation computes
-      ``eval_loss``.
+      ``eval_loss``;
+    * ``component_learning_rates={"vision": 2e-5, "projector": 1e-4}`` gives the optimizer a group per
+      component (:meth:`GraphLoraModel.param_groups`).
 
     Models that are not GraphLoraModels are handled by the trainer's own methods.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, component_learning_rates: dict[str, float] | None = None, **kwargs):
+        #: ``{"vision": 2e-5, "projector": 1e-4}``: learning rates per component group (GraphLoraModel.param_groups);
+        #: the others get ``args.learning_rate``.
+        self.component_learning_rates = dict(component_learning_rates or {})
         super().__init__(*args, **kwargs)
         lora_model = unwrap_graphlora(getattr(self, "model", None))
         if lora_model is not None:
@@ -85,6 +90,27 @@ class GraphLoraTrainerMixin:
             if self.args.label_names is None:
                 self.label_names = find_labels(original_class)
             self.can_return_loss = can_return_loss(original_class)
+
+    # -- optimizer -------------------------------------------------------------------------------
+    def create_optimizer(self, *args, **kwargs):
+        """Trainer's optimizer over :meth:`GraphLoraModel.param_groups` when ``component_learning_rates`` is given:
+        one group per component (split, as Trainer does, into parameters with and without weight decay)."""
+        lora_model = unwrap_graphlora(self.model)
+        if lora_model is None or not self.component_learning_rates or self.optimizer is not None:
+            return super().create_optimizer(*args, **kwargs)
+        groups = lora_model.param_groups(self.args.learning_rate,
+                                         **{f"{k}_lr": v for k, v in self.component_learning_rates.items()})
+        decay = set(self.get_decay_parameter_names(self.model))
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        split = []
+        for group in groups:
+            for suffix, wd, keep in (("", self.args.weight_decay, True), ("/no_decay", 0.0, False)):
+                params = [p for p in group["params"] if (name_of.get(id(p)) in decay) == keep]
+                if params:
+                    split.append({**group, "name": group["name"] + suffix, "params": params, "weight_decay": wd})
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = optimizer_cls(split, **optimizer_kwargs)
+        return self.optimizer
 
     # -- saving ----------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -406,6 +406,18 @@ class GraphLoraModel(torch.nn.Module):
                 trainable += p.numel()
         return trainable, total
 
+    def param_groups(self, lr: float, *, weight_decay: float | None = None, **component_lrs: float | None) -> list[dict]:
+        """Optimizer parameter groups with a learning rate per component, e.g.
+        ``torch.optim.AdamW(lora_model.param_groups(lr=2e-4, vision_lr=2e-5, projector_lr=1e-4))``.
+
+        One group per component with sites (``vision``, ``projector``, ``cross_attention``, ``language``,
+        ``head``, ``other``; the rate ``<component>_lr``, else ``lr``) and one for the ``modules_to_save``
+        copies (``modules_to_save_lr``); each group has a ``name``. Every trainable parameter is in exactly
+        one group; a rate for a group with no parameters is an error. See graphlora/param_groups.py."""
+        from graphlora.param_groups import param_groups, rates_from_kwargs
+
+        return param_groups(self, lr, rates_from_kwargs(component_lrs), weight_decay)
+
     def lora_state_dict(self, peft_keys: bool = False) -> dict[str, torch.Tensor]:
         """The LoRA tensors; with ``peft_keys`` named as PEFT saves them (``base_model.model.<module>...``)."""
         out = {}
