@@ -33,6 +33,7 @@ from graphlora.blocks import BlockClass, block_candidates, block_containing, gro
 from graphlora.errors import ExportFailedError, GraphLoraError, TraceMismatchError
 from graphlora.lora import GlueLoraForward, Site, eager_lora_hooks
 from graphlora.pipeline import RECORD_STAGE
+from graphlora.progress import rewrite_logger, step
 from graphlora.quantized import is_quantized_forward
 from graphlora.recorder import record_call
 from graphlora.regions import capture_calls
@@ -75,7 +76,10 @@ class BlockPlanner(PlannerPart):
                     analysis_call = runtime.prologue(mirror, analysis_call)
                 analysis_call = _to_meta(analysis_call)
             try:
-                recording = record_call(mirror, analysis_call, capture=first_of_shape.values(), fake=owner.on_meta)
+                with step(rewrite_logger, "record one eager forward" + (" on meta" if owner.on_meta else ""),
+                          lambda: f"{len(recording.graph_module.graph.nodes)} ops"):
+                    recording = record_call(mirror, analysis_call, capture=first_of_shape.values(),
+                                            fake=owner.on_meta)
             except Exception as e:  # noqa: BLE001 - the model's own failure, reported by the next mode
                 if required:
                     raise GraphLoraError(f"the eager analysis run of the model failed: {type(e).__name__}: "
@@ -83,12 +87,13 @@ class BlockPlanner(PlannerPart):
                 return False
             gm = recording.graph_module
             self.owner.pipeline.observe(RECORD_STAGE, gm)
-            records = self.owner.pipeline.run(self.owner.pipeline.analysis(mirror, ""), gm)
-            runtime.traces.append(TraceRecord(None, records, recording.seconds, 0.0, "", "",
-                                              "eager analysis recording of the whole model", kind="analysis"))
-            runtime.analysis_graph = gm
-            self.attacher.table_from_graph(gm)
-            self.attacher.adopt(gm)
+            with step(rewrite_logger, "label and select", lambda: f"{len(owner.sites)} sites"):
+                records = self.owner.pipeline.run(self.owner.pipeline.analysis(mirror, ""), gm)
+                runtime.traces.append(TraceRecord(None, records, recording.seconds, 0.0, "", "",
+                                                  "eager analysis recording of the whole model", kind="analysis"))
+                runtime.analysis_graph = gm
+                self.attacher.table_from_graph(gm)
+                self.attacher.adopt(gm)
         sites_by_block: dict[str, list[Site]] = {}
         for site in owner.sites:
             block = block_containing(site.module, candidates)
@@ -119,12 +124,15 @@ class BlockPlanner(PlannerPart):
         owner.verification = []
         accepted: list[BlockClass] = []
         for block_class in classes:
-            if self._trace_block_class(block_class, captured.get(first_of_shape[shape_key(
-                    mirror.get_submodule(block_class.representative))])):
-                accepted.append(block_class)
+            count = len(block_class.instances)
+            with step(rewrite_logger, f"export {block_class.name} ({count} block{'s' if count != 1 else ''})"):
+                if self._trace_block_class(block_class, captured.get(first_of_shape[shape_key(
+                        mirror.get_submodule(block_class.representative))])):
+                    accepted.append(block_class)
         graph_blocks = [p for c in accepted for p in c.instances]
         if verify and graph_blocks:
-            checks = self._verify_blocks(call, graph_blocks)
+            with step(rewrite_logger, f"verify {len(graph_blocks)} blocks against eager"):
+                checks = self._verify_blocks(call, graph_blocks)
             owner.verification.extend(checks.values())
             failed = [p for p, c in checks.items() if not c.passed]
             if strict and failed:

@@ -41,6 +41,7 @@ import torch
 from graphlora.block_planner import BlockPlanner
 from graphlora.errors import ExportFailedError, GraphLoraError, TraceMismatchError
 from graphlora.lora import Site, eager_lora_hooks
+from graphlora.progress import rewrite_logger, step
 from graphlora.region_planner import RegionPlanner
 from graphlora.runtime import eval_mode, forced_kwargs, is_deterministic
 from graphlora.site_attacher import PlannerPart, SiteAttacher
@@ -94,7 +95,7 @@ class Planner(PlannerPart):
         if trace_mode != TraceMode.REGIONAL:
             runtime.on_analysed = self.attacher.adopt
             try:
-                with torch.no_grad():
+                with torch.no_grad(), step(rewrite_logger, "export the whole model"):
                     program = runtime.whole_program_for(dict(call))
                 runtime.on_analysed = None
                 self.attacher.table_from_graph(program[0].graph_module)
@@ -105,7 +106,8 @@ class Planner(PlannerPart):
                     note = "on the meta device: no values to compare" if on_meta else "verify=False"
                     owner.verification = [Verification("", True, 0.0, 0.0, 0.0, note=f"verification skipped ({note})")]
                     return
-                check = self._verify_whole(call, program[0])
+                with step(rewrite_logger, "verify the whole model against eager"):
+                    check = self._verify_whole(call, program[0])
                 owner.verification = [check]
                 owner.regions[0].verification = check
                 if check.passed:
@@ -121,7 +123,8 @@ class Planner(PlannerPart):
             finally:
                 runtime.on_analysed = None
             self.attacher.drop_sites()
-        self.regional.plan(call, verify=bool(verify) and not on_meta, strict=verify == "strict", reason=reason)
+        with step(rewrite_logger, "regional tracing", lambda: f"{len(owner.regions)} regions"):
+            self.regional.plan(call, verify=bool(verify) and not on_meta, strict=verify == "strict", reason=reason)
 
     def _prologue_changes(self, call: dict[str, Any]) -> bool:
         """Whether the family's prologue rewrites this call (some share a recipe and need none)."""
