@@ -302,10 +302,20 @@ class GraphLoraModel(torch.nn.Module):
             self.adapters_enabled = previous
 
     # ------------------------------------------------------------------ adapters (graphlora/adapters/)
-    def save_adapter(self, directory, overwrite: bool = False, **kwargs):
+    def save_adapter(self, directory, overwrite: bool = False, *, for_serving: str | None = None, **kwargs):
         """Save the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``) plus
         ``graphlora_policy.yaml``; ``PeftModel.from_pretrained`` and :func:`graphlora.load_adapter` read it.
-        Existing adapter files are replaced only with ``overwrite=True``. See docs/adapters.md."""
+        Existing adapter files are replaced only with ``overwrite=True``. See docs/adapters.md.
+
+        ``for_serving="vllm"`` writes what vLLM serves instead (one global rank and alpha, per-site scales
+        folded into B, exactly equal) and returns a :class:`graphlora.adapters.serving.ServingReport` naming
+        the server flags it needs; what vLLM cannot serve is refused with the site and the reason."""
+        if for_serving is not None:
+            from graphlora.adapters.serving import save_for_serving
+
+            if kwargs:
+                raise TypeError(f"save_adapter(for_serving=...) takes no {', '.join(sorted(kwargs))}")
+            return save_for_serving(self, directory, for_serving, overwrite=overwrite)
         from graphlora import adapters
 
         return adapters.save_adapter(self, directory, overwrite=overwrite, **kwargs)

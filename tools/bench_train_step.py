@@ -179,8 +179,15 @@ def optimizer_for(model):
 
 
 def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameters; a quantized linear's weight counts its in x out elements, not its packed bytes."""
+    from graphlora.quantized import bitsandbytes_format
+
+    weights = {}
+    for m in model.modules():
+        if bitsandbytes_format(m) is not None:
+            weights[id(m.weight)] = m.in_features * m.out_features
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = sum(weights.get(i, p.numel()) for i, p in {id(p): p for p in model.parameters()}.items())
     return trainable, total
 
 
