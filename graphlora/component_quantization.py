@@ -96,15 +96,12 @@ def _meta_model(model: Any) -> torch.nn.Module:
 
         return load_model_spec(str(model), meta=True)[0]
     if isinstance(model, transformers.PretrainedConfig):
-        errors = []
-        for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
-            try:
-                with torch.device("meta"):
-                    return getattr(transformers, auto).from_config(model)
-            except (ValueError, KeyError) as e:
-                errors.append(f"{auto}: {e}")
-        raise QuantizationPlanError(f"no transformers model class for model_type {model.model_type!r} "
-                                    f"({'; '.join(errors)})")
+        from graphlora.model_spec import ModelSpecError, model_from_config
+
+        try:
+            return model_from_config(model, meta=True)
+        except ModelSpecError as e:
+            raise QuantizationPlanError(str(e)) from None
     raise TypeError(f"quantization_plan() takes a model, a transformers config or a directory, not "
                     f"{type(model).__name__}")
 

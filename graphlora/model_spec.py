@@ -59,6 +59,17 @@ def _from_config_dir(path: Path, meta: bool) -> tuple[torch.nn.Module, None]:
     except (OSError, ValueError) as e:
         raise ModelSpecError(f"MODEL SPEC {str(path)!r}: cannot read {config_file}: {e}") from None
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        return model_from_config(config, meta), None
+    except ModelSpecError as e:
+        raise ModelSpecError(f"MODEL SPEC {str(path)!r}: {e}") from None
+
+
+def model_from_config(config, meta: bool) -> torch.nn.Module:
+    """A model of ``config`` with random weights (on the meta device: no memory) through the first transformers
+    auto class that knows its model type; :class:`ModelSpecError` naming what each auto class said otherwise."""
+    import transformers
+
     errors = []
     for auto in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
         cls = getattr(transformers, auto, None)
@@ -67,12 +78,11 @@ def _from_config_dir(path: Path, meta: bool) -> tuple[torch.nn.Module, None]:
         try:
             if meta:
                 with torch.device("meta"):
-                    return cls.from_config(config), None
-            return cls.from_config(config), None
+                    return cls.from_config(config)
+            return cls.from_config(config)
         except (ValueError, KeyError) as e:
             errors.append(f"{auto}: {e}")
-    raise ModelSpecError(f"MODEL SPEC {str(path)!r}: no transformers model class for model_type "
-                         f"{config.model_type!r} ({'; '.join(errors)})")
+    raise ModelSpecError(f"no transformers model class for model_type {config.model_type!r} ({'; '.join(errors)})")
 
 
 def load_model_spec(spec: str, *, meta: bool = False) -> tuple[torch.nn.Module, dict[str, Any] | None]:
