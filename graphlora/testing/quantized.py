@@ -2,20 +2,16 @@
 
 bitsandbytes quantizes 4-bit weights in blocks of 64 and its CPU kernels need every quantized linear's
 in-features to be a multiple of that block, so the zoo's tiny widths (32) are doubled first
-(:func:`widen_config`). The model is saved with random weights and loaded back through transformers'
-``from_pretrained`` with a ``BitsAndBytesConfig``, as a user loads a checkpoint.
+(:func:`widen_config`). Tests save such a model with random weights and load it back through transformers'
+``from_pretrained`` with :func:`bnb_config`, as a user loads a checkpoint.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
 import transformers
 
-from graphlora.testing.zoo import build_tiny_config
-from graphlora.testing.zoo.models import _model_class, revive_zero_parameters
+from graphlora.testing.zoo import build_tiny_config, build_tiny_model
 
 #: Config fields that are a width (scaled by :func:`widen_config`).
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "embed_dim", "out_hidden_size", "projection_dim",
@@ -51,12 +47,7 @@ def widen_config(config: transformers.PretrainedConfig, factor: int = 2) -> tran
 
 def build_wide_tiny_model(name: str, *, seed: int = 0) -> torch.nn.Module:
     """The zoo's tiny ``name`` with doubled widths (random fp32 weights, eval mode)."""
-    config = widen_config(build_tiny_config(name))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _model_class(name)(config)
-    revive_zero_parameters(model, seed=seed)
-    return model.float().eval()
+    return build_tiny_model(name, seed=seed, config=widen_config(build_tiny_config(name)))
 
 
 def bnb_config(bits: int = 4, quant_type: str = "nf4", double_quant: bool = False,
@@ -70,13 +61,3 @@ def bnb_config(bits: int = 4, quant_type: str = "nf4", double_quant: bool = Fals
     return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                            bnb_4bit_use_double_quant=double_quant,
                                            bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip_modules)
-
-
-def load_quantized(model: torch.nn.Module, quantization_config: transformers.BitsAndBytesConfig,
-                   directory: str | Path | None = None) -> torch.nn.Module:
-    """``model`` saved to ``directory`` (a temporary one when None) and loaded back quantized on the CPU."""
-    directory = Path(directory or tempfile.mkdtemp(prefix="graphlora-quantized-"))
-    model.save_pretrained(directory)
-    loaded = type(model).from_pretrained(directory, quantization_config=quantization_config, device_map="cpu",
-                                         dtype=torch.float32)
-    return loaded.eval()

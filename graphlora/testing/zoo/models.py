@@ -77,12 +77,16 @@ def _model_class(name: str) -> type:
     return globals().get(cls_name) or getattr(transformers, cls_name)
 
 
-def build_tiny_model(name: str, *, seed: int = 0, layers: int | None = None) -> torch.nn.Module:
+def build_tiny_model(name: str, *, seed: int = 0, layers: int | None = None, config=None) -> torch.nn.Module:
     """A tiny model with random fp32 weights in eval() mode; same seed -> same weights.
 
-    ``layers``: layers per tower (default: the family's tiny config). The global RNG state is left untouched.
+    ``layers``: layers per tower (default: the family's tiny config); ``config``: a config of the family
+    built (and changed) by the caller instead. The global RNG state is left untouched.
     """
-    config = build_tiny_config(name, layers=layers)
+    if config is None:
+        config = build_tiny_config(name, layers=layers)
+    elif layers is not None:
+        raise TypeError("build_tiny_model() takes layers= or config=, not both")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _model_class(name)(config)
