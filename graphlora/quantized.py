@@ -175,23 +175,23 @@ class Linear4bitForward:
         self.module = module
         self.consts = (out_features, in_features, blocksize, blocksize2, quant_type, weight_dtype, compute_dtype)
 
+    def _state(self) -> tuple:
+        """(absmax, code, absmax2, code2, offset): the module's buffers, None for the double-quant ones it lacks."""
+        m = self.module
+        nested = getattr(m, ABSMAX2, None)
+        if nested is None:
+            return getattr(m, ABSMAX), getattr(m, CODE), None, None, None
+        return getattr(m, ABSMAX), getattr(m, CODE), nested, getattr(m, CODE2), getattr(m, OFFSET)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The ``[out, in]`` weight these constants encode, in the layer's original dtype."""
         from graphlora.ops.quantized_linear import dequantize_4bit_weight
 
-        m = self.module
-        nested = getattr(m, ABSMAX2, None)
-        return dequantize_4bit_weight(m.weight, getattr(m, ABSMAX), getattr(m, CODE), nested,
-                                      getattr(m, CODE2, None) if nested is not None else None,
-                                      getattr(m, OFFSET, None) if nested is not None else None, *self.consts[:-1])
+        return dequantize_4bit_weight(self.module.weight, *self._state(), *self.consts[:-1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        nested = getattr(m, ABSMAX2, None)
-        return torch.ops.graphlora.linear_4bit.default(
-            x, m.weight, m.bias, getattr(m, ABSMAX), getattr(m, CODE), nested,
-            getattr(m, CODE2, None) if nested is not None else None,
-            getattr(m, OFFSET, None) if nested is not None else None, *self.consts)
+        return torch.ops.graphlora.linear_4bit.default(x, m.weight, m.bias, *self._state(), *self.consts)
 
 
 class Linear8bitForward:
@@ -227,12 +227,15 @@ def dequantized_weight(mirror_module: torch.nn.Module) -> torch.Tensor:
     return forward.dequantized_weight()
 
 
-def install_quantized_forwards(mirror: torch.nn.Module) -> dict[str, QuantizedLayer]:
+def install_quantized_forwards(mirror: torch.nn.Module,
+                               layers: dict[str, QuantizedLayer] | None = None) -> dict[str, QuantizedLayer]:
     """Give every bitsandbytes layer of ``mirror`` a traceable forward (see the module docstring); returns the
-    layers by path. The mirror's modules must be its own objects (graphlora.mirror), not the user's."""
+    layers by path. The mirror's modules must be its own objects (graphlora.mirror), not the user's. ``layers``:
+    what :func:`quantized_layers` found on the model the mirror copies (found again when None)."""
     import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.linear_4bit / linear_8bit
 
-    layers = quantized_layers(mirror)
+    if layers is None:
+        layers = quantized_layers(mirror)
     for path, layer in layers.items():
         module = mirror.get_submodule(path)
         if layer.format is QuantFormat.INT8:

@@ -15,7 +15,7 @@ from graphlora.mirror import mirror_module
 from graphlora.model import GraphLoraModel
 from graphlora.policy import Policy, as_policy, load_policy_source
 from graphlora.progress import progress_stream, progress_to, rewrite_logger, step
-from graphlora.quantized import check_supported_quantization, install_quantized_forwards
+from graphlora.quantized import install_quantized_forwards, quantized_layers
 
 
 def _default_example_inputs(model: torch.nn.Module) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def rewrite(
     policy = as_policy(policy)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"rewrite() takes an nn.Module, not {type(model).__name__}")
-    check_supported_quantization(model)
+    quantized = quantized_layers(model)  # refuses unsupported quantization formats, naming the layer
     families.check_not_refused(model)
     if example_inputs is None:
         example_inputs = _default_example_inputs(model)
@@ -115,16 +115,17 @@ def rewrite(
 
         with step(rewrite_logger, f"rewrite {type(model).__name__}", summary):
             lora_model = _rewrite(model, policy, source, example_inputs, cache_size, fuse, compile, verify,
-                                  trace_mode, observer)
+                                  trace_mode, observer, quantized)
     return lora_model
 
 
-def _rewrite(model, policy, source, example_inputs, cache_size, fuse, compile, verify, trace_mode, observer):
+def _rewrite(model, policy, source, example_inputs, cache_size, fuse, compile, verify, trace_mode, observer,
+             quantized):
     """The body of :func:`rewrite` after its arguments are checked."""
     for p in model.parameters():
         p.requires_grad_(False)
     mirror = mirror_module(model)
-    quantized = install_quantized_forwards(mirror)
+    install_quantized_forwards(mirror, quantized)
     if policy.modules_to_save:
         try:
             _apply_modules_to_save(mirror, policy.modules_to_save)
