@@ -19,6 +19,8 @@ was measured to be faster:
 
 from __future__ import annotations
 
+import functools
+
 #: Why a LoRA branch over a quantized base layer (graphlora::linear_4bit / linear_8bit) is never fused.
 QUANTIZED_BASE_REASON = ("quantized base layer: the fused op has no quantized-weight kernel, so the branch is "
                          "added to the bitsandbytes matmul's output unfused")
@@ -27,6 +29,7 @@ QUANTIZED_BASE_REASON = ("quantized base layer: the fused op has no quantized-we
 KERNEL_DEVICES = frozenset({"cuda", "meta"})
 
 
+@functools.cache  # asked on every call of an eager glue linear
 def fusion_skip_reason(fuse: bool | str, device_type: str) -> str | None:
     """Why LoRA branches on ``device_type`` are not fused under the ``fuse`` setting (None: they are)."""
     if fuse is False:

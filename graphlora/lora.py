@@ -198,8 +198,12 @@ class GlueLoraForward:
         self.fuse = fuse  # True, False or "auto" (graphlora/fusion_default.py: unfused for now)
         #: How the last call with the adapters on ran: ``{"fused": bool, "reason": str}`` (fusion_report());
         #: before the first call, what the fuse setting and the base layer decide.
-        reason = QUANTIZED_BASE_REASON if base is not None else fusion_skip_reason(fuse, module.weight.device.type)
+        reason = self._skip_reason(module.weight.device.type)
         self.last = _GLUE_FUSED if reason is None else {"fused": False, "reason": reason}
+
+    def _skip_reason(self, device_type: str) -> str | None:
+        """Why the setting or the base layer leaves the branch unfused on ``device_type`` (None: they do not)."""
+        return QUANTIZED_BASE_REASON if self.base is not None else fusion_skip_reason(self.fuse, device_type)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
@@ -208,9 +212,7 @@ class GlueLoraForward:
         a, b = m.lora_A.weight, m.lora_B.weight
         p = self.dropout if m.training else 0.0
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta has no autocast
-        not_fused = fusion_skip_reason(self.fuse, x.device.type)
-        if not_fused is None and self.base is not None:
-            not_fused = QUANTIZED_BASE_REASON
+        not_fused = self._skip_reason(x.device.type)
         if not_fused is None and x.dtype in _FUSABLE_DTYPES and not autocast:
             import graphlora.ops  # noqa: F401 - registers torch.ops.graphlora.*
 
