@@ -19,7 +19,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from graphlora.testing import zoo  # noqa: E402
 from graphlora.testing.quantized import bnb_config, build_wide_tiny_model  # noqa: E402
-from helpers import set_random_lora  # noqa: E402
+from helpers import set_random_lora, train_and_check_grads  # noqa: E402
 
 STRATEGIES = {
     "language": dict(finetune_vision_layers=False, finetune_language_layers=True),
@@ -101,14 +101,7 @@ def test_at_init_outputs_equal_the_quantized_models_and_training_lowers_the_loss
         out = lora_model(**inputs)
     torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=0)
     assert all(p.dtype == torch.float32 for n, p in lora_model.named_parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = lora_model(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_and_check_grads(lora_model, inputs, steps=3)
     assert losses[-1] < losses[0] - 0.5, losses
     report = lora_model.fusion_report()
     quantized_sites = [s.name for s in lora_model.sites if s.name in lora_model.quantized]
@@ -390,14 +383,7 @@ def test_per_component_config_loads_4bit_language_and_float_vision_and_projector
 
     table = format_explain(list(rows.values()))
     assert "quantization" in table.splitlines()[0] and "float" in table and "nf4 (double quant" in table
-    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = lora_model(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_and_check_grads(lora_model, inputs, steps=3)
     assert losses[-1] < losses[0] - 0.5, losses
 
 
